@@ -1,0 +1,193 @@
+//! Assembling the service: pool, migrations, key checks, Leaf client, HTTP server, sync worker.
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::{Server, ServerHandle};
+use anyhow::Context as _;
+
+use crate::auth::Verifier;
+use crate::config::Settings;
+use crate::gateway::Gateway;
+use crate::http::{self, AppState};
+use crate::leaf::LeafClient;
+use crate::store;
+
+/// What `serve` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub http: bool,
+    pub sync: bool,
+    pub migrate: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            http: true,
+            sync: true,
+            migrate: true,
+        }
+    }
+}
+
+/// A start-up failure that is the operator's to fix (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartupError(pub String);
+
+/// A built, not yet running, service.
+pub struct Application {
+    port: u16,
+    server: Option<Server>,
+    state: Arc<AppState>,
+    worker: Option<crate::sync::WorkerHandle>,
+}
+
+impl Application {
+    /// Build everything; binds `settings.listen` (use port 0 in tests).
+    pub async fn build(settings: Settings, opts: RunOptions) -> anyhow::Result<Application> {
+        let listener = TcpListener::bind(&settings.listen).map_err(|e| {
+            StartupError(format!(
+                "CREDSYNC_LISTEN: cannot listen on {}: {e}",
+                settings.listen
+            ))
+        })?;
+        Self::build_with_listener(settings, opts, listener).await
+    }
+
+    pub async fn build_with_listener(
+        settings: Settings,
+        opts: RunOptions,
+        listener: TcpListener,
+    ) -> anyhow::Result<Application> {
+        let verifier = Verifier::new(&settings.jwt).map_err(|e| StartupError(e.to_string()))?;
+        let db = store::pool(&settings.database_url, settings.db_max_connections)?;
+        if opts.migrate {
+            migrate_with_retry(&db).await?;
+        }
+        check_keys(&db, &settings).await?;
+        let leaf = Arc::new(LeafClient::new(&settings.leaf)?);
+        let gateway = Gateway {
+            db: db.clone(),
+            keyring: settings.keyring.clone(),
+            leaf,
+            outbox_grace: settings.leaf.timeout + Duration::from_secs(30),
+        };
+        let state = Arc::new(AppState {
+            gateway,
+            verifier,
+            metrics: http::metrics_handle(),
+            max_body_bytes: settings.max_body_bytes,
+            webhook_secret: settings.webhook_secret.clone(),
+            caller_limiter: http::CallerLimiter::new(settings.caller_rps),
+        });
+        let port = listener.local_addr()?.port();
+        let server = if opts.http {
+            let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+            Some(http::server(listener, state.clone(), workers)?)
+        } else {
+            drop(listener);
+            None
+        };
+        let worker = if opts.sync {
+            Some(crate::sync::spawn(
+                state.gateway.clone(),
+                settings.sync.clone(),
+            ))
+        } else {
+            None
+        };
+        Ok(Application {
+            port,
+            server,
+            state,
+            worker,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// A handle to stop the HTTP server gracefully.
+    pub fn handle(&self) -> Option<ServerHandle> {
+        self.server.as_ref().map(Server::handle)
+    }
+
+    /// Run until the server stops (SIGTERM / Ctrl-C drain in-flight requests), then stop the
+    /// worker, which releases its leases.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        match self.server {
+            Some(server) => server.await?,
+            None => {
+                tokio::signal::ctrl_c().await?;
+            }
+        }
+        if let Some(worker) = self.worker {
+            worker.stop().await;
+        }
+        Ok(())
+    }
+}
+
+/// Migrations at start-up, waiting a little for a Postgres that is still starting.
+async fn migrate_with_retry(db: &sqlx::PgPool) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(200);
+    for attempt in 0.. {
+        match store::migrate(db).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 20 && e.downcast_ref::<sqlx::migrate::MigrateError>().is_some_and(|m| {
+                matches!(m, sqlx::migrate::MigrateError::Execute(inner) if store::is_unavailable(inner))
+            }) =>
+            {
+                tracing::warn!(error = %e, "database not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(3));
+            }
+            Err(e) => return Err(e).context("applying migrations"),
+        }
+    }
+    Ok(())
+}
+
+/// Every key id referenced by stored data must be configured, with the same key material.
+async fn check_keys(db: &sqlx::PgPool, settings: &Settings) -> anyhow::Result<()> {
+    let keys: Vec<(String, [u8; 16])> = settings
+        .keyring
+        .key_ids()
+        .filter_map(|id| {
+            settings
+                .keyring
+                .fingerprint(id)
+                .map(|fp| (id.to_owned(), fp))
+        })
+        .collect();
+    let (missing, mismatched) = match store::credentials::register_keys(db, &keys).await {
+        Ok(r) => r,
+        Err(e) if store::is_unavailable(&e) => {
+            tracing::warn!("database unreachable at start-up: key check deferred");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !mismatched.is_empty() {
+        return Err(StartupError(format!(
+            "CREDSYNC_ENCRYPTION_KEYS: key id(s) {} do not match the key material stored data was encrypted with",
+            mismatched.join(", ")
+        ))
+        .into());
+    }
+    if !missing.is_empty() {
+        return Err(StartupError(format!(
+            "CREDSYNC_ENCRYPTION_KEYS: stored credentials are encrypted under key id(s) {} which are not configured",
+            missing.join(", ")
+        ))
+        .into());
+    }
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! Credential-level domain types: the user id, the validated create body, sync states, redaction.
+use std::fmt;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use super::provider::Provider;
+use crate::crypto::SecretFields;
+
+/// Largest accepted credential field, in bytes.
+pub const MAX_FIELD_BYTES: usize = 4096;
+
+/// A Leaf user id: a UUID in its canonical hyphenated form (any case; kept lower case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeafUserId(pub uuid::Uuid);
+
+impl LeafUserId {
+    pub fn parse(s: &str) -> Result<LeafUserId, String> {
+        if s.len() != 36 {
+            return Err("leafUserId must be a UUID (8-4-4-4-12 hex digits)".into());
+        }
+        uuid::Uuid::try_parse(s)
+            .map(LeafUserId)
+            .map_err(|_| "leafUserId must be a UUID (8-4-4-4-12 hex digits)".into())
+    }
+}
+
+impl fmt::Display for LeafUserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// credsync's own view of where a credential stands with Leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncState {
+    Synced,
+    PendingUpstream,
+    DeletePending,
+    Rejected,
+}
+
+impl SyncState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncState::Synced => "SYNCED",
+            SyncState::PendingUpstream => "PENDING_UPSTREAM",
+            SyncState::DeletePending => "DELETE_PENDING",
+            SyncState::Rejected => "REJECTED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SyncState> {
+        Some(match s {
+            "SYNCED" => SyncState::Synced,
+            "PENDING_UPSTREAM" => SyncState::PendingUpstream,
+            "DELETE_PENDING" => SyncState::DeletePending,
+            "REJECTED" => SyncState::Rejected,
+            _ => return None,
+        })
+    }
+}
+
+/// A validated create body: the provider's public fields in clear, its secret fields as secrets.
+pub struct CreateBody {
+    pub public: serde_json::Map<String, serde_json::Value>,
+    pub secrets: SecretFields,
+    /// The canonical JSON of the whole body (sorted keys), for idempotency hashing. Secret.
+    pub canonical: SecretString,
+}
+
+impl fmt::Debug for CreateBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreateBody")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CreateBody {
+    /// Validate a create body for `provider`. Error messages name the field, never a value.
+    pub fn parse(provider: &Provider, bytes: &[u8]) -> Result<CreateBody, String> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+            // serde_json's syntax errors carry a position, not the input.
+            format!("the body is not valid JSON ({})", classify_json_error(&e))
+        })?;
+        let serde_json::Value::Object(map) = value else {
+            return Err("the body must be a JSON object".into());
+        };
+        if let Some(unknown) = map.keys().find(|k| provider.create_field(k).is_none()) {
+            return Err(format!("unknown field `{}`", truncate_name(unknown)));
+        }
+        let mut public = serde_json::Map::new();
+        let mut secrets = SecretFields::default();
+        for field in provider.create_fields {
+            let value = match map.get(field.name) {
+                None | Some(serde_json::Value::Null) => {
+                    return Err(format!("field `{}` is required", field.name));
+                }
+                Some(serde_json::Value::String(s)) => s,
+                Some(_) => return Err(format!("field `{}` must be a string", field.name)),
+            };
+            if value.trim().is_empty() {
+                return Err(format!("field `{}` must not be empty", field.name));
+            }
+            if value.len() > MAX_FIELD_BYTES {
+                return Err(format!(
+                    "field `{}` is longer than {MAX_FIELD_BYTES} bytes",
+                    field.name
+                ));
+            }
+            if field.secret {
+                secrets.insert(field.name, SecretString::from(value.as_str()));
+            } else {
+                public.insert(
+                    field.name.to_owned(),
+                    serde_json::Value::String(value.clone()),
+                );
+            }
+        }
+        let canonical = SecretString::from(serde_json::Value::Object(map).to_string());
+        Ok(CreateBody {
+            public,
+            secrets,
+            canonical,
+        })
+    }
+
+    /// Every secret value of this body, to mask them in upstream error text.
+    pub fn secret_values(&self) -> impl Iterator<Item = &str> {
+        self.secrets.0.values().map(|s| s.expose_secret())
+    }
+}
+
+fn classify_json_error(e: &serde_json::Error) -> String {
+    format!("line {}, column {}", e.line(), e.column())
+}
+
+fn truncate_name(name: &str) -> String {
+    let mut out: String = name.chars().take(64).collect();
+    if out.len() < name.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// Redact a secret for display: `****` and the last 4 characters when it has at least 12
+/// characters, plain `****` otherwise.
+pub fn redact(secret: &str) -> String {
+    let n = secret.chars().count();
+    if n >= 12 {
+        let tail: String = secret.chars().skip(n - 4).collect();
+        format!("****{tail}")
+    } else {
+        "****".to_owned()
+    }
+}
+
+/// Replace every occurrence of the given secret values in `text` with `****`.
+pub fn mask_secrets<'a>(text: &str, secrets: impl IntoIterator<Item = &'a str>) -> String {
+    let mut values: Vec<&str> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
+    // Longest first, so a secret containing another is masked whole.
+    values.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut out = text.to_owned();
+    for v in values {
+        if out.contains(v) {
+            out = out.replace(v, "****");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::provider::CLIMATE_FIELD_VIEW;
+
+    fn parse(body: &str) -> Result<CreateBody, String> {
+        CreateBody::parse(&CLIMATE_FIELD_VIEW, body.as_bytes())
+    }
+
+    #[test]
+    fn a_complete_body_splits_public_and_secret_fields() {
+        let b =
+            parse(r#"{"clientId":"cid","clientSecret":"cs","apiKey":"ak","refreshToken":"rt"}"#)
+                .unwrap();
+        assert_eq!(b.public.get("clientId").unwrap(), "cid");
+        assert_eq!(b.secrets.get("apiKey").unwrap().expose_secret(), "ak");
+        assert!(!format!("{b:?}").contains("ak"));
+    }
+
+    #[test]
+    fn errors_name_the_field_and_never_the_value() {
+        let cases = [
+            (
+                r#"{"clientId":"cid","clientSecret":"cs","apiKey":"ak"}"#,
+                "refreshToken",
+            ),
+            (
+                r#"{"clientId":"cid","clientSecret":"","apiKey":"ak","refreshToken":"rt"}"#,
+                "clientSecret",
+            ),
+            (
+                r#"{"clientId":"cid","clientSecret":"cs","apiKey":12345678,"refreshToken":"rt"}"#,
+                "apiKey",
+            ),
+            (
+                r#"{"clientId":"cid","clientSecret":"cs","apiKey":"ak","refreshToken":"rt","extra":"zzsecretzz"}"#,
+                "extra",
+            ),
+        ];
+        for (body, field) in cases {
+            let err = parse(body).unwrap_err();
+            assert!(err.contains(field), "{err}");
+            assert!(
+                !err.contains("zzsecretzz") && !err.contains("12345678"),
+                "{err}"
+            );
+        }
+        let long = "x".repeat(MAX_FIELD_BYTES + 1);
+        let err = parse(&format!(
+            r#"{{"clientId":"c","clientSecret":"{long}","apiKey":"a","refreshToken":"r"}}"#
+        ))
+        .unwrap_err();
+        assert!(err.contains("clientSecret") && err.contains("4096"));
+        assert!(
+            parse("{\"clientId\": \"verysecret")
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
+        assert!(parse("[]").is_err());
+    }
+
+    #[test]
+    fn redaction_keeps_the_last_four_characters_of_long_secrets_only() {
+        assert_eq!(redact("abcdefghijkl"), "****ijkl");
+        assert_eq!(redact("abcdefghijk"), "****");
+        assert_eq!(redact(""), "****");
+        assert_eq!(redact("ééééééééééééçàèù"), "****çàèù");
+    }
+
+    #[test]
+    fn user_ids_must_be_hyphenated_uuids() {
+        assert!(LeafUserId::parse("6f1c3a52-8d5e-4c7b-9d0e-2a1b3c4d5e6f").is_ok());
+        assert!(LeafUserId::parse("6F1C3A52-8D5E-4C7B-9D0E-2A1B3C4D5E6F").is_ok());
+        assert!(LeafUserId::parse("6f1c3a528d5e4c7b9d0e2a1b3c4d5e6f").is_err());
+        assert!(LeafUserId::parse("not-a-uuid").is_err());
+    }
+
+    #[test]
+    fn masking_replaces_every_secret_occurrence() {
+        let out = mask_secrets("token abc and abcdef", ["abc", "abcdef"]);
+        assert_eq!(out, "token **** and ****");
+    }
+}

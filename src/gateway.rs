@@ -1,0 +1,733 @@
+//! The gateway's use cases: create, read, delete a credential, its status and events, with the
+//! fall-backs SPEC §4/§5 require when Leaf is unavailable.
+//!
+//! Owns: the order of "store locally, forward, reconcile", what is audited, and the credential
+//! view. Sits between the HTTP layer (which parses requests) and the store / Leaf client.
+//! Must never: answer a secret in clear unless the caller may reveal, or lose what a caller
+//! sent (a write is in Postgres, with its outbox entry, before Leaf is called).
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::crypto::{Binding, Keyring, SecretFields};
+use crate::domain::credential::mask_secrets;
+use crate::domain::{CreateBody, Provider, SyncState, redact};
+use crate::error::ApiError;
+use crate::leaf::{LeafClient, LeafError};
+use crate::store::audit::{self, Entry, Outcome};
+use crate::store::credentials::{self as creds, CredentialRow, LeafState, StatusSource};
+use crate::store::events::{self, Event};
+
+/// Everything the use cases need. Cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    pub db: PgPool,
+    pub keyring: Arc<Keyring>,
+    pub leaf: Arc<LeafClient>,
+    /// How long the request path owns a fresh outbox entry before the worker may take it.
+    pub outbox_grace: Duration,
+}
+
+/// Who asks, for the audit trail and Leaf's logs.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    pub sub: &'a str,
+    pub request_id: &'a str,
+}
+
+/// Where an answer came from (`X-Credsync-Source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Leaf,
+    Cache,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Leaf => "leaf",
+            Source::Cache => "cache",
+        }
+    }
+}
+
+/// The result of a create.
+#[derive(Debug)]
+pub enum Created {
+    /// Leaf took it (201).
+    Synced(Value),
+    /// Queued in the outbox (202).
+    Pending(Value),
+}
+
+/// The result of a delete.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deleted {
+    Done,
+    Pending,
+}
+
+/// Leaf's answer about a credential, split into what is stored in clear and what is sealed.
+pub struct LeafCredential {
+    pub id: Option<Uuid>,
+    pub status: Option<String>,
+    pub created_time: Option<time::OffsetDateTime>,
+    pub public: Map<String, Value>,
+    pub secrets: SecretFields,
+}
+
+impl LeafCredential {
+    pub fn parse(provider: &Provider, answer: Map<String, Value>) -> LeafCredential {
+        let mut out = LeafCredential {
+            id: None,
+            status: None,
+            created_time: None,
+            public: Map::new(),
+            secrets: SecretFields::default(),
+        };
+        for (k, v) in answer {
+            match k.as_str() {
+                "id" => out.id = v.as_str().and_then(|s| Uuid::try_parse(s).ok()),
+                "status" => out.status = v.as_str().map(str::to_owned),
+                "createdTime" => {
+                    out.created_time = v.as_str().and_then(crate::timefmt::parse_lenient)
+                }
+                // credsync's own fields are never taken from upstream.
+                "syncState" | "updatedAt" => {}
+                _ if provider.is_secret(&k) => {
+                    if let Value::String(s) = v {
+                        out.secrets.insert(&k, SecretString::from(s));
+                    }
+                }
+                _ => {
+                    out.public.insert(k, v);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn binding<'a>(user: &'a Uuid, provider: &'a Provider) -> Binding<'a> {
+    Binding {
+        leaf_user_id: user,
+        provider: provider.name,
+    }
+}
+
+impl Gateway {
+    fn open(
+        &self,
+        provider: &Provider,
+        row: &CredentialRow,
+    ) -> Result<Option<SecretFields>, ApiError> {
+        match row.sealed() {
+            None => Ok(None),
+            Some(sealed) => self
+                .keyring
+                .open(binding(&row.leaf_user_id, provider), &sealed)
+                .map(Some)
+                .map_err(|e| {
+                    ApiError::Internal(anyhow::anyhow!("cannot open the stored credential: {e}"))
+                }),
+        }
+    }
+
+    /// The credential view of a stored row (SPEC §5), secrets redacted unless `reveal`.
+    pub fn view(
+        &self,
+        provider: &Provider,
+        row: &CredentialRow,
+        reveal: bool,
+    ) -> Result<Value, ApiError> {
+        let secrets = self.open(provider, row)?;
+        Ok(credential_view(provider, row, secrets.as_ref(), reveal))
+    }
+
+    /// Merge Leaf's echoed secrets over the stored ones; `None` when nothing changed.
+    fn reseal(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        stored: Option<&SecretFields>,
+        echoed: SecretFields,
+    ) -> Result<Option<crate::crypto::Sealed>, ApiError> {
+        let unchanged = stored.is_some_and(|s| {
+            echoed.0.iter().all(|(k, v)| {
+                s.get(k).is_some_and(|old| {
+                    crate::crypto::ct_eq(
+                        old.expose_secret().as_bytes(),
+                        v.expose_secret().as_bytes(),
+                    )
+                })
+            })
+        });
+        if unchanged || (stored.is_none() && echoed.0.is_empty()) {
+            return Ok(None);
+        }
+        let mut merged = SecretFields::default();
+        if let Some(s) = stored {
+            for (k, v) in &s.0 {
+                merged.insert(k, v.clone());
+            }
+        }
+        for (k, v) in echoed.0 {
+            merged.insert(&k, v);
+        }
+        self.keyring
+            .seal(binding(&user, provider), &merged)
+            .map(Some)
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("cannot seal: {e}")))
+    }
+
+    /// Store what Leaf answered for a credential (status, mapping, echoed secrets), adopting it
+    /// when credsync did not track it yet. Returns the stored row.
+    pub async fn apply_leaf_answer(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        existing: Option<&CredentialRow>,
+        answer: Map<String, Value>,
+        source: StatusSource,
+        actor: Actor<'_>,
+    ) -> Result<Option<CredentialRow>, ApiError> {
+        let leaf = LeafCredential::parse(provider, answer);
+        let stored = match existing {
+            Some(row) => self.open(provider, row)?,
+            None => None,
+        };
+        let sealed = self.reseal(provider, user, stored.as_ref(), leaf.secrets)?;
+        let state = LeafState {
+            leaf_credential_id: leaf.id,
+            status: leaf.status.as_deref(),
+            created_time: leaf.created_time,
+            public: &leaf.public,
+            sealed: sealed.as_ref(),
+        };
+        let Some(refreshed) =
+            creds::store_leaf_state(&self.db, user, provider.name, &state, source).await?
+        else {
+            return Ok(None);
+        };
+        if refreshed.adopted {
+            audit::record_logged(
+                &self.db,
+                &Entry {
+                    actor: actor.sub,
+                    action: "credential.adopted",
+                    leaf_user_id: Some(user),
+                    provider: Some(provider.name),
+                    outcome: Outcome::Success,
+                    request_id: Some(actor.request_id),
+                    detail: Some("credential found at Leaf; now tracked"),
+                },
+            )
+            .await;
+        }
+        Ok(Some(refreshed.row))
+    }
+
+    async fn audit(
+        &self,
+        actor: Actor<'_>,
+        action: &str,
+        user: Uuid,
+        provider: &Provider,
+        outcome: Outcome,
+        detail: Option<&str>,
+    ) {
+        audit::record_logged(
+            &self.db,
+            &Entry {
+                actor: actor.sub,
+                action,
+                leaf_user_id: Some(user),
+                provider: Some(provider.name),
+                outcome,
+                request_id: Some(actor.request_id),
+                detail,
+            },
+        )
+        .await;
+    }
+
+    /// Leaf says the credential does not exist: a SYNCED local copy is destroyed (audited).
+    async fn vanish(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        row: Option<&CredentialRow>,
+        actor: Actor<'_>,
+    ) -> Result<(), ApiError> {
+        if let Some(row) = row
+            && row.state() == SyncState::Synced
+        {
+            creds::purge(&self.db, user, provider.name).await?;
+            self.audit(
+                actor,
+                "credential.vanished",
+                user,
+                provider,
+                Outcome::Success,
+                Some("Leaf no longer has this credential"),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// POST: store, forward, reconcile.
+    pub async fn create(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        body: &CreateBody,
+        actor: Actor<'_>,
+    ) -> Result<Created, ApiError> {
+        let sealed = self
+            .keyring
+            .seal(binding(&user, provider), &body.secrets)
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("cannot seal: {e}")))?;
+        match creds::insert_pending(
+            &self.db,
+            user,
+            provider.name,
+            &body.public,
+            &sealed,
+            actor.sub,
+            actor.request_id,
+            self.outbox_grace,
+        )
+        .await?
+        {
+            Ok(_) => {}
+            Err(creds::CreateConflict::Exists) => {
+                return Err(ApiError::Conflict(
+                    "a credential already exists for this user; delete it first".into(),
+                ));
+            }
+            Err(creds::CreateConflict::DeletePending) => {
+                return Err(ApiError::Conflict(
+                    "the previous credential's delete has not reached Leaf yet; retry once it has"
+                        .into(),
+                ));
+            }
+        }
+        let request = leaf_create_body(provider, body);
+        match self
+            .leaf
+            .create_credential(provider, user, request, actor.request_id)
+            .await
+        {
+            Ok(answer) => {
+                let existing = creds::get(&self.db, user, provider.name).await?;
+                let row = self
+                    .apply_leaf_answer(
+                        provider,
+                        user,
+                        existing.as_ref(),
+                        answer,
+                        StatusSource::Request,
+                        actor,
+                    )
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::Conflict(
+                            "the credential was deleted while it was being created".into(),
+                        )
+                    })?;
+                self.audit(
+                    actor,
+                    "credential.create",
+                    user,
+                    provider,
+                    Outcome::Success,
+                    None,
+                )
+                .await;
+                Ok(Created::Synced(self.view(provider, &row, false)?))
+            }
+            Err(e) if e.is_unavailable() => {
+                creds::release_outbox(&self.db, user, provider.name).await?;
+                self.audit(
+                    actor,
+                    "credential.create",
+                    user,
+                    provider,
+                    Outcome::Success,
+                    Some("queued: Leaf unavailable"),
+                )
+                .await;
+                let row = creds::get(&self.db, user, provider.name)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::Conflict(
+                            "the credential was deleted while it was being created".into(),
+                        )
+                    })?;
+                Ok(Created::Pending(self.view(provider, &row, false)?))
+            }
+            Err(e) => {
+                creds::remove(&self.db, user, provider.name).await?;
+                let secrets: Vec<&str> = body.secret_values().collect();
+                let err = e.into_api_error(&secrets);
+                let detail = mask_secrets(&err.to_string(), secrets.iter().copied());
+                self.audit(
+                    actor,
+                    "credential.create",
+                    user,
+                    provider,
+                    Outcome::Failure,
+                    Some(&detail),
+                )
+                .await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Refuse reads of a credential whose delete is pending or that Leaf rejected.
+    fn refuse_gone(row: &CredentialRow) -> Result<(), ApiError> {
+        match row.state() {
+            SyncState::DeletePending => Err(ApiError::NotFound(
+                "the credential is being deleted (delete pending at Leaf)".into(),
+            )),
+            SyncState::Rejected => Err(ApiError::NotFound(format!(
+                "Leaf rejected this credential ({}): {}",
+                row.rejection_status.unwrap_or_default(),
+                row.rejection_detail.as_deref().unwrap_or("no detail")
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// GET the credential (forwarded; the cache when Leaf is unavailable).
+    pub async fn get(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        reveal: bool,
+        actor: Actor<'_>,
+    ) -> Result<(Value, Source), ApiError> {
+        let (row, source) = self.read_through(provider, user, actor).await?;
+        let view = self.view(provider, &row, reveal)?;
+        if reveal {
+            self.audit(
+                actor,
+                "credential.reveal",
+                user,
+                provider,
+                Outcome::Success,
+                None,
+            )
+            .await;
+        }
+        Ok((view, source))
+    }
+
+    /// Read the credential from Leaf and refresh the local copy, or fall back to the local copy.
+    async fn read_through(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        actor: Actor<'_>,
+    ) -> Result<(CredentialRow, Source), ApiError> {
+        let local = creds::get(&self.db, user, provider.name).await?;
+        if let Some(row) = &local {
+            Self::refuse_gone(row)?;
+            if row.state() == SyncState::PendingUpstream {
+                return Ok((row.clone(), Source::Cache));
+            }
+        }
+        match self
+            .leaf
+            .get_credential(provider, user, actor.request_id)
+            .await
+        {
+            Ok(Some(answer)) => {
+                let row = self
+                    .apply_leaf_answer(
+                        provider,
+                        user,
+                        local.as_ref(),
+                        answer,
+                        StatusSource::Request,
+                        actor,
+                    )
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::NotFound(
+                            "the credential is being deleted (delete pending at Leaf)".into(),
+                        )
+                    })?;
+                Ok((row, Source::Leaf))
+            }
+            Ok(None) => {
+                self.vanish(provider, user, local.as_ref(), actor).await?;
+                Err(ApiError::NotFound("no credential for this user".into()))
+            }
+            Err(e) if e.is_unavailable() => match local {
+                Some(row) => Ok((row, Source::Cache)),
+                None => Err(e.into_api_error(&[])),
+            },
+            Err(e) => Err(e.into_api_error(&[])),
+        }
+    }
+
+    /// The cached status, or Leaf's (read from its GET answer).
+    pub async fn status(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        cache_only: bool,
+        actor: Actor<'_>,
+    ) -> Result<(Value, Source), ApiError> {
+        let row = if cache_only {
+            let row = creds::get(&self.db, user, provider.name)
+                .await?
+                .ok_or_else(|| ApiError::NotFound("no credential for this user".into()))?;
+            Self::refuse_gone(&row)?;
+            (row, Source::Cache)
+        } else {
+            self.read_through(provider, user, actor).await?
+        };
+        let (row, source) = row;
+        Ok((
+            json!({
+                "status": row.status,
+                "checkedAt": row.checked_at.map(crate::timefmt::format),
+            }),
+            source,
+        ))
+    }
+
+    /// A page of events, Leaf-shaped, merged into the cache; the cache when Leaf is unavailable.
+    pub async fn events(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        page: u32,
+        size: u32,
+        ascending: bool,
+        cache_only: bool,
+        actor: Actor<'_>,
+    ) -> Result<(Vec<Event>, i64, Source), ApiError> {
+        let local = creds::get(&self.db, user, provider.name).await?;
+        if let Some(row) = &local {
+            Self::refuse_gone(row)?;
+            if row.state() == SyncState::PendingUpstream {
+                return Ok((Vec::new(), 0, Source::Cache));
+            }
+        }
+        let from_cache = || async {
+            let (ev, total) =
+                events::page(&self.db, user, provider.name, page, size, ascending).await?;
+            Ok::<_, ApiError>((ev, total, Source::Cache))
+        };
+        if cache_only {
+            if local.is_none() {
+                return Err(ApiError::NotFound("no credential for this user".into()));
+            }
+            return from_cache().await;
+        }
+        match self
+            .leaf
+            .events(provider, user, page, size, ascending, actor.request_id)
+            .await
+        {
+            Ok(Some((mut list, total))) => {
+                if local.is_some() {
+                    events::upsert(&self.db, user, provider.name, &list).await?;
+                }
+                sort_events(&mut list, ascending);
+                let total = total.unwrap_or(list.len() as i64);
+                Ok((list, total, Source::Leaf))
+            }
+            Ok(None) => {
+                self.vanish(provider, user, local.as_ref(), actor).await?;
+                Err(ApiError::NotFound("no credential for this user".into()))
+            }
+            Err(e) if e.is_unavailable() && local.is_some() => from_cache().await,
+            Err(e) => Err(e.into_api_error(&[])),
+        }
+    }
+
+    /// DELETE: shred at once, then forward; queue when Leaf is unavailable.
+    pub async fn delete(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        actor: Actor<'_>,
+    ) -> Result<Deleted, ApiError> {
+        let before = creds::begin_delete(
+            &self.db,
+            user,
+            provider.name,
+            actor.sub,
+            actor.request_id,
+            self.outbox_grace,
+        )
+        .await?;
+        let had_local = before.is_some();
+        match self
+            .leaf
+            .delete_credential(provider, user, actor.request_id)
+            .await
+        {
+            Ok(existed) => {
+                if before.is_some() {
+                    creds::purge(&self.db, user, provider.name).await?;
+                }
+                if existed || had_local {
+                    self.audit(
+                        actor,
+                        "credential.delete",
+                        user,
+                        provider,
+                        Outcome::Success,
+                        None,
+                    )
+                    .await;
+                    Ok(Deleted::Done)
+                } else {
+                    Err(ApiError::NotFound("no credential for this user".into()))
+                }
+            }
+            Err(e) if e.is_unavailable() => {
+                if before.is_none() {
+                    creds::queue_delete(&self.db, user, provider.name, actor.sub, actor.request_id)
+                        .await?;
+                } else {
+                    creds::release_outbox(&self.db, user, provider.name).await?;
+                }
+                self.audit(
+                    actor,
+                    "credential.delete",
+                    user,
+                    provider,
+                    Outcome::Success,
+                    Some("queued: Leaf unavailable"),
+                )
+                .await;
+                Ok(Deleted::Pending)
+            }
+            Err(e) => {
+                if before.is_some() {
+                    creds::purge(&self.db, user, provider.name).await?;
+                }
+                let err = e.into_api_error(&[]);
+                self.audit(
+                    actor,
+                    "credential.delete",
+                    user,
+                    provider,
+                    Outcome::Failure,
+                    Some(&err.to_string()),
+                )
+                .await;
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Leaf's create body: the public fields and the secrets, in a buffer wiped after sending.
+pub fn leaf_create_body(provider: &Provider, body: &CreateBody) -> Zeroizing<Vec<u8>> {
+    leaf_create_body_from(provider, &body.public, &body.secrets)
+}
+
+/// Leaf's create body from stored parts (the outbox drain).
+pub fn leaf_create_body_from(
+    provider: &Provider,
+    public: &Map<String, Value>,
+    secrets: &SecretFields,
+) -> Zeroizing<Vec<u8>> {
+    let mut fields: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
+    for f in provider.create_fields {
+        let v = if f.secret {
+            secrets.get(f.name).map(|s| s.expose_secret())
+        } else {
+            public.get(f.name).and_then(Value::as_str)
+        };
+        if let Some(v) = v {
+            fields.insert(f.name, v);
+        }
+    }
+    Zeroizing::new(serde_json::to_vec(&fields).unwrap_or_default())
+}
+
+fn sort_events(list: &mut [Event], ascending: bool) {
+    list.sort_by(|a, b| {
+        let o = a
+            .created_date
+            .cmp(&b.created_date)
+            .then_with(|| a.id.cmp(&b.id));
+        if ascending { o } else { o.reverse() }
+    });
+}
+
+/// The credential view (SPEC §5): a superset of Leaf's answer and of the older page's form.
+pub fn credential_view(
+    provider: &Provider,
+    row: &CredentialRow,
+    secrets: Option<&SecretFields>,
+    reveal: bool,
+) -> Value {
+    let public = &row.public_fields.0;
+    let mut out = Map::new();
+    out.insert(
+        "id".into(),
+        row.leaf_credential_id
+            .map_or(Value::Null, |id| Value::String(id.to_string())),
+    );
+    out.insert(
+        "status".into(),
+        row.status.clone().map_or(Value::Null, Value::String),
+    );
+    out.insert(
+        "createdTime".into(),
+        row.created_time
+            .map_or(Value::Null, |t| Value::String(crate::timefmt::format(t))),
+    );
+    for f in provider.create_fields.iter().filter(|f| !f.secret) {
+        out.insert(
+            f.name.into(),
+            public.get(f.name).cloned().unwrap_or(Value::Null),
+        );
+    }
+    for name in provider.secret_fields() {
+        let v = secrets.and_then(|s| s.get(name)).map_or(Value::Null, |s| {
+            Value::String(if reveal {
+                s.expose_secret().to_owned()
+            } else {
+                redact(s.expose_secret())
+            })
+        });
+        out.insert(name.into(), v);
+    }
+    let scopes = public
+        .get("tokenMetadata")
+        .and_then(|m| m.get("scopes"))
+        .or_else(|| public.get("scopes"))
+        .cloned()
+        .filter(Value::is_array)
+        .unwrap_or_else(|| Value::Array(Vec::new()));
+    out.insert("scopes".into(), scopes.clone());
+    out.insert("tokenMetadata".into(), json!({ "scopes": scopes }));
+    out.insert("syncState".into(), Value::String(row.sync_state.clone()));
+    out.insert(
+        "updatedAt".into(),
+        Value::String(crate::timefmt::format(row.updated_at)),
+    );
+    Value::Object(out)
+}
+
+/// Whether a Leaf error on a worker retry of a create means "already there".
+pub fn is_conflict(e: &LeafError) -> bool {
+    matches!(e, LeafError::Rejected { status: 409, .. })
+}

@@ -1,0 +1,150 @@
+//! The HTTP layer: the actix-web application, its routes, middleware and extractors.
+//!
+//! Owns: request ids, access logs and HTTP metrics, authentication of callers, request-body
+//! limits and content types, and turning use-case results into responses.
+//! Must never: hold business rules (they live in `gateway`), or log a header or body.
+mod credentials;
+mod extract;
+mod ops;
+pub mod v1;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::{Next, from_fn};
+use actix_web::{App, HttpMessage, HttpServer, web};
+use metrics_exporter_prometheus::PrometheusHandle;
+use secrecy::SecretString;
+
+pub use extract::{CallerLimiter, RequestId, read_json_body};
+
+use crate::auth::Verifier;
+use crate::error::{ApiError, REQUEST_ID};
+use crate::gateway::Gateway;
+
+/// Shared state of every worker.
+pub struct AppState {
+    pub gateway: Gateway,
+    pub verifier: Verifier,
+    pub metrics: PrometheusHandle,
+    pub max_body_bytes: usize,
+    pub webhook_secret: Option<SecretString>,
+    pub caller_limiter: Option<extract::CallerLimiter>,
+}
+
+/// The Prometheus recorder, installed once per process.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ])
+                .unwrap_or_else(|_| metrics_exporter_prometheus::PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // In tests several apps share one process: the first recorder wins, and so does its handle.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+fn valid_request_id(v: &HeaderValue) -> Option<String> {
+    let s = v.to_str().ok()?;
+    (!s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+    .then(|| s.to_owned())
+}
+
+/// Request id, access log and HTTP metrics for every request.
+async fn request_context(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(valid_request_id)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let route = req
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().as_str().to_owned();
+    let started = Instant::now();
+    let span = tracing::info_span!("request", request_id = %id, %method, %route);
+    let result =
+        tracing::Instrument::instrument(REQUEST_ID.scope(id.clone(), next.call(req)), span.clone())
+            .await;
+    let mut res = result?;
+    let status = res.status().as_u16();
+    let elapsed = started.elapsed();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), v);
+    }
+    metrics::counter!("credsync_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status.to_string())
+        .increment(1);
+    metrics::histogram!("credsync_http_request_duration_seconds", "route" => route, "method" => method)
+        .record(elapsed.as_secs_f64());
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(
+                status,
+                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                "request"
+            );
+        } else {
+            tracing::info!(
+                status,
+                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
+    });
+    Ok(res)
+}
+
+async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such route".into()))
+}
+
+/// All routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    ops::routes(cfg);
+    credentials::routes(cfg);
+    v1::routes(cfg);
+}
+
+/// Build the HTTP server on `listener` (not started until awaited).
+pub fn server(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    workers: usize,
+) -> std::io::Result<Server> {
+    let data = web::Data::from(state);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .wrap(from_fn(request_context))
+            .configure(routes)
+            .default_service(web::to(not_found))
+    })
+    .workers(workers.max(1))
+    .client_request_timeout(Duration::from_secs(10))
+    .client_disconnect_timeout(Duration::from_secs(2))
+    .keep_alive(Duration::from_secs(75))
+    .shutdown_timeout(15)
+    .listen(listener)?
+    .run();
+    Ok(server)
+}

@@ -1,0 +1,66 @@
+//! Operational routes: liveness, readiness, Prometheus metrics, the OpenAPI document.
+use actix_web::{HttpResponse, web};
+use serde_json::json;
+
+use super::AppState;
+
+/// The OpenAPI document, as committed at the repository root.
+pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/openapi.yaml", web::get().to(openapi));
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn readyz(st: web::Data<AppState>) -> HttpResponse {
+    let db = &st.gateway.db;
+    let (database, migrations) = match crate::store::migrations_applied(db).await {
+        Ok(true) => ("ok", "applied"),
+        Ok(false) => ("ok", "pending"),
+        Err(_) => ("unavailable", "unknown"),
+    };
+    let leaf = &st.gateway.leaf;
+    let authenticated = match leaf.auth_health() {
+        crate::leaf::AuthHealth::Ok => Some(true),
+        crate::leaf::AuthHealth::Rejected => Some(false),
+        crate::leaf::AuthHealth::Unknown => None,
+    };
+    let ready = database == "ok" && migrations == "applied";
+    let body = json!({
+        "status": if ready { "ok" } else { "unavailable" },
+        "database": database,
+        "migrations": migrations,
+        "leaf": {
+            "reachable": !leaf.breaker().is_open(),
+            "authenticated": authenticated,
+        },
+    });
+    if ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "5"))
+            .json(body)
+    }
+}
+
+async fn metrics(st: web::Data<AppState>) -> HttpResponse {
+    if let Err(e) = crate::store::gauges::refresh(&st.gateway.db).await {
+        tracing::warn!(error = %e, "could not refresh gauges");
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(st.metrics.render())
+}
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/yaml")
+        .body(OPENAPI_YAML)
+}

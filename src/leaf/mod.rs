@@ -1,0 +1,750 @@
+//! The HTTP client for Leaf's API.
+//!
+//! Owns: credsync's own Leaf token (authenticate, cache, renew before `exp`, renew once on a
+//! 401/403), the per-request timeout, the request-rate ceiling (`LEAF_MAX_RPS`), the circuit
+//! breaker, and the classification of every answer into "ok", "Leaf refused" (passed on) or
+//! "Leaf unavailable" (SPEC §4). Must never: log a request body, a token or an echoed secret;
+//! bodies with secrets are built into `Zeroizing` buffers and dropped right after sending.
+mod breaker;
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+pub use breaker::Breaker;
+
+use crate::config::{LeafAuth, LeafSettings};
+use crate::domain::Provider;
+use crate::error::ApiError;
+use crate::store::events::Event;
+
+/// Why Leaf could not be used for this request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Connection refused, reset, DNS failure.
+    Unreachable,
+    Timeout,
+    /// A 5xx answer.
+    ServerError(u16),
+    /// A 429, with its `Retry-After` in seconds when given.
+    RateLimited(Option<u64>),
+    /// A body that is not what Leaf sends.
+    Garbage,
+    CircuitOpen,
+    /// Leaf refused credsync's own token, even after authenticating again.
+    AuthRejected,
+}
+
+/// What went wrong talking to Leaf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeafError {
+    Unavailable(Unavailable),
+    /// Leaf answered 400, 404, 409 or 422: passed on to the caller.
+    Rejected {
+        status: u16,
+        detail: String,
+    },
+    /// Leaf answered another 4xx: a 502 for the caller.
+    Unexpected {
+        status: u16,
+    },
+}
+
+impl LeafError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, LeafError::Unavailable(_))
+    }
+
+    /// Seconds to wait before trying again, when Leaf said so.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            LeafError::Unavailable(Unavailable::RateLimited(r)) => *r,
+            _ => None,
+        }
+    }
+
+    /// The caller's error for a read that has no local copy to fall back on.
+    pub fn into_api_error(self, secrets: &[&str]) -> ApiError {
+        match self {
+            LeafError::Unavailable(u) => match u {
+                Unavailable::Timeout => ApiError::UpstreamTimeout,
+                Unavailable::ServerError(s) => {
+                    ApiError::UpstreamBadGateway(format!("Leaf answered {s}"))
+                }
+                Unavailable::Garbage => {
+                    ApiError::UpstreamBadGateway("Leaf answered with an unreadable body".into())
+                }
+                Unavailable::AuthRejected => ApiError::UpstreamAuth,
+                Unavailable::RateLimited(r) => ApiError::UpstreamUnavailable {
+                    retry_after: r.unwrap_or(5).max(1),
+                },
+                Unavailable::Unreachable | Unavailable::CircuitOpen => {
+                    ApiError::UpstreamUnavailable { retry_after: 5 }
+                }
+            },
+            LeafError::Rejected { status, detail } => ApiError::Upstream {
+                status,
+                detail: crate::domain::credential::mask_secrets(&detail, secrets.iter().copied()),
+            },
+            LeafError::Unexpected { status } => {
+                ApiError::UpstreamBadGateway(format!("Leaf answered an unexpected {status}"))
+            }
+        }
+    }
+
+    fn outcome(&self) -> &'static str {
+        match self {
+            LeafError::Unavailable(Unavailable::Timeout) => "timeout",
+            LeafError::Unavailable(Unavailable::Unreachable) => "unreachable",
+            LeafError::Unavailable(Unavailable::ServerError(_)) => "server_error",
+            LeafError::Unavailable(Unavailable::RateLimited(_)) => "rate_limited",
+            LeafError::Unavailable(Unavailable::Garbage) => "garbage",
+            LeafError::Unavailable(Unavailable::CircuitOpen) => "circuit_open",
+            LeafError::Unavailable(Unavailable::AuthRejected) => "auth_rejected",
+            LeafError::Rejected { .. } => "rejected",
+            LeafError::Unexpected { .. } => "unexpected",
+        }
+    }
+}
+
+/// Leaf's view of whether credsync's own credentials work, for `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthHealth {
+    Unknown = 0,
+    Ok = 1,
+    Rejected = 2,
+}
+
+struct Token {
+    value: SecretString,
+    renew_at: Instant,
+}
+
+/// The Leaf client. One per process, shared.
+pub struct LeafClient {
+    http: reqwest::Client,
+    base: String,
+    auth: LeafAuth,
+    token: tokio::sync::RwLock<Option<Token>>,
+    renewing: tokio::sync::Mutex<()>,
+    timeout: Duration,
+    limiter: DefaultDirectRateLimiter,
+    breaker: Breaker,
+    auth_health: AtomicU8,
+}
+
+impl std::fmt::Debug for LeafClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeafClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A raw answer.
+struct Answer {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    body: bytes::Bytes,
+}
+
+impl LeafClient {
+    pub fn new(settings: &LeafSettings) -> anyhow::Result<LeafClient> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout.min(Duration::from_secs(5)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("credsync/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let rps = NonZeroU32::new(settings.max_rps).unwrap_or(NonZeroU32::MIN);
+        Ok(LeafClient {
+            http,
+            base: settings.api_url.clone(),
+            auth: settings.auth.clone(),
+            token: tokio::sync::RwLock::new(None),
+            renewing: tokio::sync::Mutex::new(()),
+            timeout: settings.timeout,
+            limiter: RateLimiter::direct(Quota::per_second(rps).allow_burst(rps)),
+            breaker: Breaker::new(5, Duration::from_secs(5)),
+            auth_health: AtomicU8::new(AuthHealth::Unknown as u8),
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub fn auth_health(&self) -> AuthHealth {
+        match self.auth_health.load(Ordering::Relaxed) {
+            1 => AuthHealth::Ok,
+            2 => AuthHealth::Rejected,
+            _ => AuthHealth::Unknown,
+        }
+    }
+
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    fn set_auth_health(&self, h: AuthHealth) {
+        self.auth_health.store(h as u8, Ordering::Relaxed);
+    }
+
+    fn credential_path(provider: &Provider, user: Uuid) -> String {
+        format!(
+            "/services/usermanagement/api/users/{}/{}",
+            user.hyphenated(),
+            provider.segment
+        )
+    }
+
+    /// GET the credential; `None` when Leaf answers 404.
+    pub async fn get_credential(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        request_id: &str,
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, LeafError> {
+        let path = Self::credential_path(provider, user);
+        match self
+            .call("get_credential", Method::GET, &path, &[], None, request_id)
+            .await
+        {
+            Ok(a) => parse_object(&a.body).map(Some),
+            Err(LeafError::Rejected { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// POST a credential with the given JSON body (built by the caller, secret).
+    pub async fn create_credential(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        body: Zeroizing<Vec<u8>>,
+        request_id: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, LeafError> {
+        let path = Self::credential_path(provider, user);
+        let a = self
+            .call(
+                "create_credential",
+                Method::POST,
+                &path,
+                &[],
+                Some(body),
+                request_id,
+            )
+            .await?;
+        parse_object(&a.body)
+    }
+
+    /// DELETE the credential; `Ok(false)` when Leaf answers 404.
+    pub async fn delete_credential(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        request_id: &str,
+    ) -> Result<bool, LeafError> {
+        let path = Self::credential_path(provider, user);
+        match self
+            .call(
+                "delete_credential",
+                Method::DELETE,
+                &path,
+                &[],
+                None,
+                request_id,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(LeafError::Rejected { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One page of a credential's events; `None` when Leaf answers 404.
+    pub async fn events(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        page: u32,
+        size: u32,
+        ascending: bool,
+        request_id: &str,
+    ) -> Result<Option<(Vec<Event>, Option<i64>)>, LeafError> {
+        let path = format!("{}/events", Self::credential_path(provider, user));
+        let sort = if ascending {
+            "createdDate,asc"
+        } else {
+            "createdDate,desc"
+        };
+        let query = [
+            ("page", page.to_string()),
+            ("size", size.to_string()),
+            ("sort", sort.to_owned()),
+        ];
+        match self
+            .call("get_events", Method::GET, &path, &query, None, request_id)
+            .await
+        {
+            Ok(a) => {
+                let events = parse_events(&a.body)?;
+                let total = total_count(&a.headers);
+                Ok(Some((events, total)))
+            }
+            Err(LeafError::Rejected { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One page of Leaf's users (discovery).
+    pub async fn users(
+        &self,
+        page: u32,
+        size: u32,
+        request_id: &str,
+    ) -> Result<(Vec<serde_json::Value>, Option<i64>), LeafError> {
+        let query = [("page", page.to_string()), ("size", size.to_string())];
+        let a = self
+            .call(
+                "list_users",
+                Method::GET,
+                "/services/usermanagement/api/users",
+                &query,
+                None,
+                request_id,
+            )
+            .await?;
+        let v: serde_json::Value = serde_json::from_slice(&a.body)
+            .map_err(|_| LeafError::Unavailable(Unavailable::Garbage))?;
+        let serde_json::Value::Array(items) = v else {
+            return Err(LeafError::Unavailable(Unavailable::Garbage));
+        };
+        Ok((items, total_count(&a.headers)))
+    }
+
+    /// Whether Leaf answers and accepts credsync's credentials (for `/readyz`).
+    pub async fn probe(&self) -> (bool, Option<bool>) {
+        match self.current_token(false).await {
+            Ok(_) => (true, Some(true)),
+            Err(LeafError::Unavailable(Unavailable::AuthRejected)) => (true, Some(false)),
+            Err(_) => (false, None),
+        }
+    }
+
+    async fn call(
+        &self,
+        operation: &'static str,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Zeroizing<Vec<u8>>>,
+        request_id: &str,
+    ) -> Result<Answer, LeafError> {
+        let started = Instant::now();
+        let result = self.call_inner(method, path, query, body, request_id).await;
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) => e.outcome(),
+        };
+        metrics::counter!("credsync_leaf_requests_total", "operation" => operation, "outcome" => outcome).increment(1);
+        metrics::histogram!("credsync_leaf_request_duration_seconds", "operation" => operation)
+            .record(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            tracing::debug!(operation, outcome, ?e, "Leaf call failed");
+        }
+        result
+    }
+
+    async fn call_inner(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Zeroizing<Vec<u8>>>,
+        request_id: &str,
+    ) -> Result<Answer, LeafError> {
+        let permit = self
+            .breaker
+            .try_acquire()
+            .ok_or(LeafError::Unavailable(Unavailable::CircuitOpen))?;
+        let mut renewed = false;
+        loop {
+            let token = self.current_token(renewed).await.inspect_err(|e| {
+                if matches!(
+                    e,
+                    LeafError::Unavailable(
+                        Unavailable::Unreachable
+                            | Unavailable::Timeout
+                            | Unavailable::ServerError(_)
+                            | Unavailable::Garbage
+                    )
+                ) {
+                    permit.failure();
+                }
+            })?;
+            let answer = self
+                .send(
+                    method.clone(),
+                    path,
+                    query,
+                    body.as_deref().map(|b| b.to_vec()),
+                    token.as_ref(),
+                    request_id,
+                )
+                .await;
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    permit.failure();
+                    return Err(e);
+                }
+            };
+            let status = answer.status;
+            if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
+                && !matches!(self.auth, LeafAuth::None)
+            {
+                if !renewed && matches!(self.auth, LeafAuth::Password { .. }) {
+                    renewed = true;
+                    continue;
+                }
+                self.set_auth_health(AuthHealth::Rejected);
+                permit.success();
+                return Err(LeafError::Unavailable(Unavailable::AuthRejected));
+            }
+            if status.is_success() {
+                permit.success();
+                return Ok(answer);
+            }
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                permit.success();
+                return Err(LeafError::Unavailable(Unavailable::RateLimited(
+                    retry_after(&answer.headers),
+                )));
+            }
+            if status.is_server_error() {
+                permit.failure();
+                return Err(LeafError::Unavailable(Unavailable::ServerError(
+                    status.as_u16(),
+                )));
+            }
+            permit.success();
+            let code = status.as_u16();
+            return Err(match code {
+                400 | 404 | 409 | 422 => LeafError::Rejected {
+                    status: code,
+                    detail: problem_detail(&answer.body, code),
+                },
+                _ => {
+                    tracing::warn!(status = code, path, "unexpected answer from Leaf");
+                    LeafError::Unexpected { status: code }
+                }
+            });
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+        token: Option<&SecretString>,
+        request_id: &str,
+    ) -> Result<Answer, LeafError> {
+        if tokio::time::timeout(self.timeout, self.limiter.until_ready())
+            .await
+            .is_err()
+        {
+            return Err(LeafError::Unavailable(Unavailable::RateLimited(Some(1))));
+        }
+        let body = body.map(Zeroizing::new);
+        let mut req = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .header("X-Request-Id", request_id);
+        if !query.is_empty() {
+            req = req.query(query);
+        }
+        if let Some(t) = token {
+            req = req.bearer_auth(t.expose_secret());
+        }
+        if let Some(b) = &body {
+            req = req
+                .header("Content-Type", "application/json")
+                .body(b.to_vec());
+        }
+        let resp = req.send().await.map_err(classify)?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.map_err(classify)?;
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// The token to use, authenticating when there is none, it is due for renewal, or `force`.
+    async fn current_token(&self, force: bool) -> Result<Option<SecretString>, LeafError> {
+        let (username, password) = match &self.auth {
+            LeafAuth::None => return Ok(None),
+            LeafAuth::Token(t) => return Ok(Some(t.clone())),
+            LeafAuth::Password { username, password } => (username, password),
+        };
+        if !force
+            && let Some(t) = self
+                .token
+                .read()
+                .await
+                .as_ref()
+                .filter(|t| t.renew_at > Instant::now())
+        {
+            return Ok(Some(t.value.clone()));
+        }
+        let _guard = self.renewing.lock().await;
+        // Someone else may have renewed while we waited.
+        if !force
+            && let Some(t) = self
+                .token
+                .read()
+                .await
+                .as_ref()
+                .filter(|t| t.renew_at > Instant::now())
+        {
+            return Ok(Some(t.value.clone()));
+        }
+        let token = self.authenticate(username, password).await?;
+        let value = token.value.clone();
+        *self.token.write().await = Some(token);
+        Ok(Some(value))
+    }
+
+    async fn authenticate(
+        &self,
+        username: &str,
+        password: &SecretString,
+    ) -> Result<Token, LeafError> {
+        let body = Zeroizing::new(
+            serde_json::to_vec(&serde_json::json!({
+                "username": username,
+                "password": password.expose_secret(),
+                "rememberMe": true,
+            }))
+            .unwrap_or_default(),
+        );
+        let started = Instant::now();
+        let answer = self
+            .send(
+                Method::POST,
+                "/api/authenticate",
+                &[],
+                Some(body.to_vec()),
+                None,
+                "credsync-auth",
+            )
+            .await;
+        drop(body);
+        let outcome;
+        let result = match answer {
+            Err(e) => {
+                outcome = e.outcome();
+                Err(e)
+            }
+            Ok(a)
+                if a.status == StatusCode::UNAUTHORIZED
+                    || a.status == StatusCode::FORBIDDEN
+                    || a.status == StatusCode::BAD_REQUEST =>
+            {
+                outcome = "auth_rejected";
+                self.set_auth_health(AuthHealth::Rejected);
+                Err(LeafError::Unavailable(Unavailable::AuthRejected))
+            }
+            Ok(a) if a.status.is_success() => match parse_id_token(&a.body) {
+                Some((value, lifetime)) => {
+                    outcome = "success";
+                    self.set_auth_health(AuthHealth::Ok);
+                    // Renew when 80% of the lifetime has passed (at most one hour before expiry).
+                    let ahead = (lifetime / 5).min(Duration::from_secs(3600));
+                    Ok(Token {
+                        value,
+                        renew_at: Instant::now() + lifetime.saturating_sub(ahead),
+                    })
+                }
+                None => {
+                    outcome = "garbage";
+                    Err(LeafError::Unavailable(Unavailable::Garbage))
+                }
+            },
+            Ok(a) if a.status == StatusCode::TOO_MANY_REQUESTS => {
+                outcome = "rate_limited";
+                Err(LeafError::Unavailable(Unavailable::RateLimited(
+                    retry_after(&a.headers),
+                )))
+            }
+            Ok(a) => {
+                outcome = "server_error";
+                Err(LeafError::Unavailable(Unavailable::ServerError(
+                    a.status.as_u16(),
+                )))
+            }
+        };
+        metrics::counter!("credsync_leaf_requests_total", "operation" => "authenticate", "outcome" => outcome).increment(1);
+        metrics::histogram!("credsync_leaf_request_duration_seconds", "operation" => "authenticate")
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+}
+
+fn classify(e: reqwest::Error) -> LeafError {
+    if e.is_timeout() {
+        LeafError::Unavailable(Unavailable::Timeout)
+    } else if e.is_decode() || e.is_body() {
+        LeafError::Unavailable(Unavailable::Garbage)
+    } else {
+        LeafError::Unavailable(Unavailable::Unreachable)
+    }
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| s.min(3600))
+}
+
+fn total_count(headers: &reqwest::header::HeaderMap) -> Option<i64> {
+    headers
+        .get("X-Total-Count")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, LeafError> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        _ => Err(LeafError::Unavailable(Unavailable::Garbage)),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawEvent {
+    id: serde_json::Value,
+    created_date: String,
+    status_code: serde_json::Value,
+    #[serde(default)]
+    headers: Option<serde_json::Value>,
+    #[serde(default)]
+    body: Option<serde_json::Value>,
+}
+
+fn text_of(v: Option<serde_json::Value>) -> String {
+    match v {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s,
+        Some(other) => other.to_string(),
+    }
+}
+
+fn parse_events(body: &[u8]) -> Result<Vec<Event>, LeafError> {
+    let garbage = || LeafError::Unavailable(Unavailable::Garbage);
+    let raw: Vec<RawEvent> = serde_json::from_slice(body).map_err(|_| garbage())?;
+    raw.into_iter()
+        .map(|r| {
+            let id = match r.id {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Number(n) => n.to_string(),
+                _ => return Err(garbage()),
+            };
+            let status_code = match r.status_code {
+                serde_json::Value::Number(n) => n
+                    .as_i64()
+                    .and_then(|n| i32::try_from(n).ok())
+                    .ok_or_else(garbage)?,
+                serde_json::Value::String(s) => s.trim().parse().map_err(|_| garbage())?,
+                _ => return Err(garbage()),
+            };
+            Ok(Event {
+                id,
+                created_date: crate::timefmt::parse_lenient(&r.created_date).ok_or_else(garbage)?,
+                status_code,
+                headers: text_of(r.headers),
+                body: text_of(r.body),
+            })
+        })
+        .collect()
+}
+
+/// Leaf's `detail` (else `title`) from a problem body.
+fn problem_detail(body: &[u8], status: u16) -> String {
+    if let Ok(serde_json::Value::Object(m)) = serde_json::from_slice::<serde_json::Value>(body) {
+        for key in ["detail", "title", "message"] {
+            if let Some(serde_json::Value::String(s)) = m.get(key)
+                && !s.is_empty()
+            {
+                return s.chars().take(1000).collect();
+            }
+        }
+    }
+    format!("Leaf answered {status}")
+}
+
+/// The `id_token` and its lifetime (from its `exp`; one hour when unreadable).
+fn parse_id_token(body: &[u8]) -> Option<(SecretString, Duration)> {
+    #[derive(serde::Deserialize)]
+    struct Auth {
+        id_token: SecretString,
+    }
+    let auth: Auth = serde_json::from_slice(body).ok()?;
+    let lifetime = auth
+        .id_token
+        .expose_secret()
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|p| serde_json::from_slice::<serde_json::Value>(&p).ok())
+        .and_then(|c| c.get("exp").and_then(serde_json::Value::as_i64))
+        .map(|exp| {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            Duration::from_secs(u64::try_from(exp - now).unwrap_or(0))
+        })
+        .unwrap_or(Duration::from_secs(3600));
+    Some((auth.id_token, lifetime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_parse_leniently() {
+        let body = br#"[{"id":"e1","createdDate":"2026-01-02T03:04:05.123","statusCode":"401","headers":"h","body":"b"},
+                        {"id":2,"createdDate":"2026-01-02T03:04:05.123456Z","statusCode":200}]"#;
+        let ev = parse_events(body).unwrap();
+        assert_eq!(ev[0].status_code, 401);
+        assert_eq!(ev[1].id, "2");
+        assert_eq!(ev[1].headers, "");
+        assert!(parse_events(b"<html>").is_err());
+    }
+
+    #[test]
+    fn problem_detail_prefers_detail_then_title() {
+        assert_eq!(problem_detail(br#"{"title":"T","detail":"D"}"#, 400), "D");
+        assert_eq!(problem_detail(br#"{"title":"T"}"#, 400), "T");
+        assert_eq!(problem_detail(b"nope", 422), "Leaf answered 422");
+    }
+}

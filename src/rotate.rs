@@ -1,0 +1,140 @@
+//! `credsync keys rotate`: re-wrap every stored data key under the active key.
+//!
+//! Batched (keyset over the primary key), each batch one short transaction with `FOR UPDATE
+//! SKIP LOCKED`, so it is resumable after a crash and safe while `serve` runs. Rows whose key is
+//! not configured are counted and reported, never dropped.
+use secrecy::SecretString;
+use uuid::Uuid;
+
+use crate::crypto::{Binding, Keyring, Sealed};
+use crate::store::audit::{self, Entry, Outcome};
+
+/// (leaf_user_id, provider, key_id, wrapped_key, secrets)
+type SealedRow = (Uuid, String, String, Vec<u8>, Vec<u8>);
+
+/// Rotation totals.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub rewrapped: u64,
+    pub already_active: u64,
+    pub unreadable: u64,
+}
+
+/// Re-wrap everything; returns the totals.
+pub async fn rotate(
+    pool: &sqlx::PgPool,
+    keyring: &Keyring,
+    batch: i64,
+    mut progress: impl FnMut(&Totals),
+) -> anyhow::Result<Totals> {
+    let active = keyring.active_id().to_owned();
+    let mut totals = Totals::default();
+    let mut after: (Uuid, String) = (Uuid::nil(), String::new());
+    loop {
+        let mut tx = pool.begin().await?;
+        let rows: Vec<SealedRow> = sqlx::query_as(
+            "select leaf_user_id, provider, key_id, wrapped_key, secrets from credential
+             where key_id is not null and (leaf_user_id, provider) > ($1, $2)
+             order by leaf_user_id, provider limit $3 for update skip locked",
+        )
+        .bind(after.0)
+        .bind(&after.1)
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = rows.last() else { break };
+        after = (last.0, last.1.clone());
+        let mut done = 0i64;
+        for (user, provider, key_id, wrapped_key, secrets) in rows {
+            let sealed = Sealed {
+                key_id,
+                wrapped_key,
+                secrets,
+            };
+            match keyring.rewrap(
+                Binding {
+                    leaf_user_id: &user,
+                    provider: &provider,
+                },
+                &sealed,
+            ) {
+                Ok(None) => totals.already_active += 1,
+                Ok(Some(new)) => {
+                    sqlx::query(
+                        "update credential set key_id = $3, wrapped_key = $4 where leaf_user_id = $1 and provider = $2 and key_id = $5",
+                    )
+                    .bind(user)
+                    .bind(&provider)
+                    .bind(&new.key_id)
+                    .bind(&new.wrapped_key)
+                    .bind(&sealed.key_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    totals.rewrapped += 1;
+                    done += 1;
+                }
+                Err(e) => {
+                    totals.unreadable += 1;
+                    tracing::error!(leaf_user_id = %user, provider, error = %e, "cannot re-wrap this credential");
+                }
+            }
+        }
+        sqlx::query("update encryption_key set encryptions = encryptions + $2 where key_id = $1")
+            .bind(&active)
+            .bind(done)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        progress(&totals);
+    }
+    Ok(totals)
+}
+
+/// The CLI command.
+pub async fn run(url: &SecretString, keyring: &Keyring, batch: i64) -> anyhow::Result<()> {
+    let pool = crate::store::pool(url, 2)?;
+    crate::store::migrate(&pool).await?;
+    let keys: Vec<(String, [u8; 16])> = keyring
+        .key_ids()
+        .filter_map(|id| keyring.fingerprint(id).map(|fp| (id.to_owned(), fp)))
+        .collect();
+    crate::store::credentials::register_keys(&pool, &keys).await?;
+    let totals = rotate(&pool, keyring, batch, |t| {
+        eprintln!(
+            "rotate: {} re-wrapped, {} already under the active key, {} unreadable",
+            t.rewrapped, t.already_active, t.unreadable
+        );
+    })
+    .await?;
+    let detail = format!(
+        "active key {}: {} re-wrapped, {} already active, {} unreadable",
+        keyring.active_id(),
+        totals.rewrapped,
+        totals.already_active,
+        totals.unreadable
+    );
+    audit::record(
+        &pool,
+        &Entry {
+            actor: "cli",
+            action: "key.rotate",
+            leaf_user_id: None,
+            provider: None,
+            outcome: if totals.unreadable == 0 {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            },
+            request_id: None,
+            detail: Some(&detail),
+        },
+    )
+    .await?;
+    println!("{detail}");
+    anyhow::ensure!(
+        totals.unreadable == 0,
+        "{} credential(s) are encrypted under keys that are not configured",
+        totals.unreadable
+    );
+    Ok(())
+}

@@ -1,0 +1,570 @@
+//! The `credential`, `outbox` and `status_history` tables: local copies, pending upstream work,
+//! and status transitions.
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::crypto::Sealed;
+use crate::domain::SyncState;
+
+/// A stored credential.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CredentialRow {
+    pub leaf_user_id: Uuid,
+    pub provider: String,
+    pub leaf_credential_id: Option<Uuid>,
+    pub sync_state: String,
+    pub status: Option<String>,
+    pub checked_at: Option<OffsetDateTime>,
+    pub changed_at: Option<OffsetDateTime>,
+    pub created_time: Option<OffsetDateTime>,
+    pub public_fields: Json<serde_json::Map<String, serde_json::Value>>,
+    pub key_id: Option<String>,
+    pub wrapped_key: Option<Vec<u8>>,
+    pub secrets: Option<Vec<u8>>,
+    pub rejection_status: Option<i32>,
+    pub rejection_detail: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+impl CredentialRow {
+    pub fn state(&self) -> SyncState {
+        SyncState::parse(&self.sync_state).unwrap_or(SyncState::Synced)
+    }
+
+    pub fn sealed(&self) -> Option<Sealed> {
+        match (&self.key_id, &self.wrapped_key, &self.secrets) {
+            (Some(k), Some(w), Some(s)) => Some(Sealed {
+                key_id: k.clone(),
+                wrapped_key: w.clone(),
+                secrets: s.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+const COLUMNS: &str = "leaf_user_id, provider, leaf_credential_id, sync_state, status, checked_at, changed_at, \
+     created_time, public_fields, key_id, wrapped_key, secrets, rejection_status, rejection_detail, created_at, updated_at";
+
+pub async fn get(
+    pool: &PgPool,
+    user: Uuid,
+    provider: &str,
+) -> Result<Option<CredentialRow>, sqlx::Error> {
+    sqlx::query_as::<_, CredentialRow>(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from credential where leaf_user_id = $1 and provider = $2"
+    )))
+    .bind(user)
+    .bind(provider)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn get_by_leaf_id(
+    pool: &PgPool,
+    leaf_credential_id: Uuid,
+) -> Result<Option<CredentialRow>, sqlx::Error> {
+    sqlx::query_as::<_, CredentialRow>(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from credential where leaf_credential_id = $1"
+    )))
+    .bind(leaf_credential_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Why a create could not be stored.
+#[derive(Debug)]
+pub enum CreateConflict {
+    /// A credential exists (SYNCED or PENDING_UPSTREAM).
+    Exists,
+    /// The previous credential's delete has not reached Leaf yet.
+    DeletePending,
+}
+
+/// Store a new credential as PENDING_UPSTREAM together with its outbox entry, in one transaction.
+/// A REJECTED predecessor is replaced. `grace` keeps the worker off the entry while the request
+/// path forwards it itself.
+pub async fn insert_pending(
+    pool: &PgPool,
+    user: Uuid,
+    provider: &str,
+    public: &serde_json::Map<String, serde_json::Value>,
+    sealed: &Sealed,
+    actor: &str,
+    request_id: &str,
+    grace: std::time::Duration,
+) -> Result<Result<i64, CreateConflict>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let existing: Option<String> = sqlx::query_scalar(
+        "select sync_state from credential where leaf_user_id = $1 and provider = $2 for update",
+    )
+    .bind(user)
+    .bind(provider)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match existing.as_deref() {
+        Some("REJECTED") => {
+            sqlx::query("delete from credential where leaf_user_id = $1 and provider = $2")
+                .bind(user)
+                .bind(provider)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Some("DELETE_PENDING") => return Ok(Err(CreateConflict::DeletePending)),
+        Some(_) => return Ok(Err(CreateConflict::Exists)),
+        None => {}
+    }
+    let inserted = sqlx::query(
+        "insert into credential (leaf_user_id, provider, sync_state, public_fields, key_id, wrapped_key, secrets)
+         values ($1, $2, 'PENDING_UPSTREAM', $3, $4, $5, $6) on conflict do nothing",
+    )
+    .bind(user)
+    .bind(provider)
+    .bind(Json(public))
+    .bind(&sealed.key_id)
+    .bind(&sealed.wrapped_key)
+    .bind(&sealed.secrets)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Ok(Err(CreateConflict::Exists));
+    }
+    let outbox_id: i64 = sqlx::query_scalar(
+        "insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
+         values ($1, $2, 'create', now() + make_interval(secs => $3), $4, $5) returning id",
+    )
+    .bind(user)
+    .bind(provider)
+    .bind(grace.as_secs_f64())
+    .bind(request_id)
+    .bind(actor)
+    .fetch_one(&mut *tx)
+    .await?;
+    count_encryption(&mut tx, &sealed.key_id).await?;
+    tx.commit().await?;
+    Ok(Ok(outbox_id))
+}
+
+async fn count_encryption(
+    tx: &mut Transaction<'_, Postgres>,
+    key_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("update encryption_key set encryptions = encryptions + 1 where key_id = $1")
+        .bind(key_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// What Leaf said about a credential, ready to store.
+#[derive(Debug)]
+pub struct LeafState<'a> {
+    pub leaf_credential_id: Option<Uuid>,
+    pub status: Option<&'a str>,
+    pub created_time: Option<OffsetDateTime>,
+    pub public: &'a serde_json::Map<String, serde_json::Value>,
+    /// New sealed secrets, when Leaf's answer carried secrets that differ from the stored ones.
+    pub sealed: Option<&'a Sealed>,
+}
+
+/// Where a status change came from.
+#[derive(Debug, Clone, Copy)]
+pub enum StatusSource {
+    Sync,
+    Request,
+    Alert,
+}
+
+impl StatusSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusSource::Sync => "sync",
+            StatusSource::Request => "request",
+            StatusSource::Alert => "alert",
+        }
+    }
+}
+
+/// The result of storing Leaf's view of a credential.
+#[derive(Debug)]
+pub struct Refreshed {
+    pub row: CredentialRow,
+    /// The credential was not tracked before (created directly at Leaf).
+    pub adopted: bool,
+}
+
+/// Store Leaf's answer for a credential: adopt it when unknown, mark a pending create SYNCED
+/// (dropping its outbox entry), refresh status/secrets, and write a history entry on a status change.
+/// Rows whose delete is pending or that were rejected are left alone (returns `None`).
+pub async fn store_leaf_state(
+    pool: &PgPool,
+    user: Uuid,
+    provider: &str,
+    leaf: &LeafState<'_>,
+    source: StatusSource,
+) -> Result<Option<Refreshed>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let existing: Option<(String, Option<String>)> = sqlx::query_as(
+        "select sync_state, status from credential where leaf_user_id = $1 and provider = $2 for update",
+    )
+    .bind(user)
+    .bind(provider)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (adopted, old_status) = match &existing {
+        Some((state, _)) if state == "DELETE_PENDING" || state == "REJECTED" => return Ok(None),
+        Some((_, status)) => (false, status.clone()),
+        None => (true, None),
+    };
+    if adopted {
+        let Some(sealed) = leaf.sealed else {
+            // Nothing to keep without secrets; a credential Leaf holds without echoing secrets is
+            // still tracked for status and events.
+            sqlx::query(
+                "insert into credential (leaf_user_id, provider, sync_state, public_fields) values ($1, $2, 'SYNCED', $3)",
+            )
+            .bind(user)
+            .bind(provider)
+            .bind(Json(leaf.public))
+            .execute(&mut *tx)
+            .await?;
+            return finish_refresh(tx, user, provider, leaf, old_status, adopted, source).await;
+        };
+        sqlx::query(
+            "insert into credential (leaf_user_id, provider, sync_state, public_fields, key_id, wrapped_key, secrets)
+             values ($1, $2, 'SYNCED', $3, $4, $5, $6)",
+        )
+        .bind(user)
+        .bind(provider)
+        .bind(Json(leaf.public))
+        .bind(&sealed.key_id)
+        .bind(&sealed.wrapped_key)
+        .bind(&sealed.secrets)
+        .execute(&mut *tx)
+        .await?;
+        count_encryption(&mut tx, &sealed.key_id).await?;
+    } else if let Some(sealed) = leaf.sealed {
+        sqlx::query(
+            "update credential set key_id = $3, wrapped_key = $4, secrets = $5
+             where leaf_user_id = $1 and provider = $2",
+        )
+        .bind(user)
+        .bind(provider)
+        .bind(&sealed.key_id)
+        .bind(&sealed.wrapped_key)
+        .bind(&sealed.secrets)
+        .execute(&mut *tx)
+        .await?;
+        count_encryption(&mut tx, &sealed.key_id).await?;
+    }
+    finish_refresh(tx, user, provider, leaf, old_status, adopted, source).await
+}
+
+async fn finish_refresh(
+    mut tx: Transaction<'_, Postgres>,
+    user: Uuid,
+    provider: &str,
+    leaf: &LeafState<'_>,
+    old_status: Option<String>,
+    adopted: bool,
+    source: StatusSource,
+) -> Result<Option<Refreshed>, sqlx::Error> {
+    let changed = leaf.status.is_some() && leaf.status != old_status.as_deref();
+    let row = sqlx::query_as::<_, CredentialRow>(sqlx::AssertSqlSafe(format!(
+        "update credential set
+            sync_state = 'SYNCED',
+            leaf_credential_id = coalesce($3, leaf_credential_id),
+            status = coalesce($4, status),
+            checked_at = now(),
+            changed_at = case when $5 then now() else changed_at end,
+            created_time = coalesce($6, created_time),
+            public_fields = public_fields || $7,
+            rejection_status = null,
+            rejection_detail = null
+         where leaf_user_id = $1 and provider = $2
+         returning {COLUMNS}"
+    )))
+    .bind(user)
+    .bind(provider)
+    .bind(leaf.leaf_credential_id)
+    .bind(leaf.status)
+    .bind(changed)
+    .bind(leaf.created_time)
+    .bind(Json(leaf.public))
+    .fetch_one(&mut *tx)
+    .await?;
+    if let (true, Some(to)) = (changed, leaf.status) {
+        insert_history(&mut tx, user, provider, old_status.as_deref(), to, source).await?;
+    }
+    sqlx::query("delete from outbox where leaf_user_id = $1 and provider = $2 and op = 'create'")
+        .bind(user)
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some(Refreshed { row, adopted }))
+}
+
+async fn insert_history(
+    tx: &mut Transaction<'_, Postgres>,
+    user: Uuid,
+    provider: &str,
+    from: Option<&str>,
+    to: &str,
+    source: StatusSource,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into status_history (leaf_user_id, provider, from_status, to_status, source) values ($1, $2, $3, $4, $5)",
+    )
+    .bind(user)
+    .bind(provider)
+    .bind(from)
+    .bind(to)
+    .bind(source.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Set a credential's status (alerts): returns whether it changed. Only SYNCED rows change.
+pub async fn set_status(
+    pool: &PgPool,
+    user: Uuid,
+    provider: &str,
+    status: &str,
+    source: StatusSource,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let old: Option<(Option<String>,)> = sqlx::query_as(
+        "select status from credential where leaf_user_id = $1 and provider = $2 and sync_state = 'SYNCED' for update",
+    )
+    .bind(user)
+    .bind(provider)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((old,)) = old else { return Ok(false) };
+    if old.as_deref() == Some(status) {
+        return Ok(false);
+    }
+    sqlx::query(
+        "update credential set status = $3, checked_at = now(), changed_at = now() where leaf_user_id = $1 and provider = $2",
+    )
+    .bind(user)
+    .bind(provider)
+    .bind(status)
+    .execute(&mut *tx)
+    .await?;
+    insert_history(&mut tx, user, provider, old.as_deref(), status, source).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Remove a credential that Leaf refused to create (synchronous path): the row and its outbox.
+pub async fn remove(pool: &PgPool, user: Uuid, provider: &str) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("delete from outbox where leaf_user_id = $1 and provider = $2")
+        .bind(user)
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("delete from credential where leaf_user_id = $1 and provider = $2")
+        .bind(user)
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Mark a pending create as rejected by Leaf: the secret is destroyed, the reason kept.
+pub async fn reject(
+    pool: &PgPool,
+    user: Uuid,
+    provider: &str,
+    status: u16,
+    detail: &str,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "update credential set sync_state = 'REJECTED', key_id = null, wrapped_key = null, secrets = null,
+             rejection_status = $3, rejection_detail = $4
+         where leaf_user_id = $1 and provider = $2 and sync_state = 'PENDING_UPSTREAM'",
+    )
+    .bind(user)
+    .bind(provider)
+    .bind(i32::from(status))
+    .bind(detail)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("delete from outbox where leaf_user_id = $1 and provider = $2 and op = 'create'")
+        .bind(user)
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Start a delete: crypto-shred the local secret at once and queue the upstream delete, in one
+/// transaction. Returns the state the credential had (`None` when nothing was stored).
+pub async fn begin_delete(
+    pool: &PgPool,
+    user: Uuid,
+    provider: &str,
+    actor: &str,
+    request_id: &str,
+    grace: std::time::Duration,
+) -> Result<Option<SyncState>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let existing: Option<String> = sqlx::query_scalar(
+        "select sync_state from credential where leaf_user_id = $1 and provider = $2 for update",
+    )
+    .bind(user)
+    .bind(provider)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(state) = existing else {
+        return Ok(None);
+    };
+    let state = SyncState::parse(&state).unwrap_or(SyncState::Synced);
+    sqlx::query(
+        "update credential set sync_state = 'DELETE_PENDING', key_id = null, wrapped_key = null, secrets = null
+         where leaf_user_id = $1 and provider = $2",
+    )
+    .bind(user)
+    .bind(provider)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("delete from outbox where leaf_user_id = $1 and provider = $2")
+        .bind(user)
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
+         values ($1, $2, 'delete', now() + make_interval(secs => $3), $4, $5)",
+    )
+    .bind(user)
+    .bind(provider)
+    .bind(grace.as_secs_f64())
+    .bind(request_id)
+    .bind(actor)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(state))
+}
+
+/// Record a delete Leaf has not taken yet for a credential credsync did not hold.
+pub async fn queue_delete(
+    pool: &PgPool,
+    user: Uuid,
+    provider: &str,
+    actor: &str,
+    request_id: &str,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "insert into credential (leaf_user_id, provider, sync_state) values ($1, $2, 'DELETE_PENDING')
+         on conflict (leaf_user_id, provider) do update set sync_state = 'DELETE_PENDING',
+             key_id = null, wrapped_key = null, secrets = null",
+    )
+    .bind(user)
+    .bind(provider)
+    .execute(&mut *tx)
+    .await?;
+    let queued: Option<i64> = sqlx::query_scalar(
+        "select id from outbox where leaf_user_id = $1 and provider = $2 and op = 'delete'",
+    )
+    .bind(user)
+    .bind(provider)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if queued.is_none() {
+        sqlx::query(
+            "insert into outbox (leaf_user_id, provider, op, request_id, actor) values ($1, $2, 'delete', $3, $4)",
+        )
+        .bind(user)
+        .bind(provider)
+        .bind(request_id)
+        .bind(actor)
+        .execute(&mut *tx)
+        .await?;
+    } else {
+        release_outbox_now(&mut tx, user, provider).await?;
+    }
+    tx.commit().await
+}
+
+async fn release_outbox_now(
+    tx: &mut Transaction<'_, Postgres>,
+    user: Uuid,
+    provider: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update outbox set next_attempt_at = now() where leaf_user_id = $1 and provider = $2",
+    )
+    .bind(user)
+    .bind(provider)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Hand the user's outbox entries to the worker now (the request path gave up on Leaf).
+pub async fn release_outbox(pool: &PgPool, user: Uuid, provider: &str) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    release_outbox_now(&mut tx, user, provider).await?;
+    tx.commit().await
+}
+
+/// Finish a delete: the credential, its cached status history and events, and its outbox go.
+/// The audit trail stays.
+pub async fn purge(pool: &PgPool, user: Uuid, provider: &str) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for sql in [
+        "delete from outbox where leaf_user_id = $1 and provider = $2",
+        "delete from status_history where leaf_user_id = $1 and provider = $2",
+        "delete from event where leaf_user_id = $1 and provider = $2",
+        "delete from credential where leaf_user_id = $1 and provider = $2",
+    ] {
+        sqlx::query(sql)
+            .bind(user)
+            .bind(provider)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+/// Record the key-encryption keys this process holds: an unknown id gets its fingerprint
+/// stored; a known id must have the same fingerprint. Returns the ids referenced by stored
+/// credentials that are not configured.
+pub async fn register_keys(
+    pool: &PgPool,
+    keys: &[(String, [u8; 16])],
+) -> Result<(Vec<String>, Vec<String>), sqlx::Error> {
+    let mut mismatched = Vec::new();
+    for (id, fp) in keys {
+        let stored: Option<Vec<u8>> = sqlx::query_scalar(
+            "insert into encryption_key (key_id, fingerprint) values ($1, $2)
+             on conflict (key_id) do update set key_id = excluded.key_id returning fingerprint",
+        )
+        .bind(id)
+        .bind(&fp[..])
+        .fetch_optional(pool)
+        .await?;
+        if stored.is_some_and(|s| !crate::crypto::ct_eq(&s, &fp[..])) {
+            mismatched.push(id.clone());
+        }
+    }
+    let configured: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
+    let missing: Vec<String> = sqlx::query_scalar(
+        "select distinct key_id from credential where key_id is not null and not (key_id = any($1))",
+    )
+    .bind(&configured)
+    .fetch_all(pool)
+    .await?;
+    Ok((missing, mismatched))
+}

@@ -1,0 +1,36 @@
+//! Gauges computed from the database at scrape time.
+use sqlx::PgPool;
+
+/// Refresh `credsync_credentials{status}`, `credsync_outbox_pending` and `credsync_sync_lag_seconds`.
+pub async fn refresh(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let by_status: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "select status, count(*) from credential where sync_state <> 'DELETE_PENDING' group by status",
+    )
+    .fetch_all(pool)
+    .await?;
+    for known in [
+        "OK",
+        "UNAUTHENTICATED",
+        "MISSING_PERMISSION",
+        "TEMPORARILY_UNAVAILABLE",
+        "UNKNOWN",
+    ] {
+        metrics::gauge!("credsync_credentials", "status" => known).set(0.0);
+    }
+    for (status, n) in by_status {
+        let label = status.unwrap_or_else(|| "UNKNOWN".into());
+        metrics::gauge!("credsync_credentials", "status" => label).set(n as f64);
+    }
+    let pending: i64 = sqlx::query_scalar("select count(*) from outbox")
+        .fetch_one(pool)
+        .await?;
+    metrics::gauge!("credsync_outbox_pending").set(pending as f64);
+    let lag: Option<f64> = sqlx::query_scalar(
+        "select extract(epoch from now() - min(next_sync_at))::float8 from credential
+         where sync_state in ('SYNCED', 'PENDING_UPSTREAM') and next_sync_at < now()",
+    )
+    .fetch_one(pool)
+    .await?;
+    metrics::gauge!("credsync_sync_lag_seconds").set(lag.unwrap_or(0.0).max(0.0));
+    Ok(())
+}

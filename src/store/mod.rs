@@ -1,0 +1,71 @@
+//! Postgres access: the pool, migrations, and one submodule per table family.
+//!
+//! Owns: every SQL statement. Must never: see a plaintext secret (it stores only the
+//! `crypto::Sealed` blobs), or build SQL from caller input (values are always bound).
+pub mod audit;
+pub mod credentials;
+pub mod events;
+pub mod gauges;
+pub mod idempotency;
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A pool that connects lazily, so the service starts (and answers 503) while Postgres is down.
+pub fn pool(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
+    let opts: PgConnectOptions = url
+        .expose_secret()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid postgres URL"))?;
+    let opts = opts
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(3))
+        .test_before_acquire(false)
+        .idle_timeout(Duration::from_secs(300))
+        .connect_lazy_with(opts))
+}
+
+/// Apply pending migrations.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Whether every migration this build knows is applied.
+pub async fn migrations_applied(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Option<i64> =
+        sqlx::query_scalar("select max(version) from _sqlx_migrations where success")
+            .fetch_one(pool)
+            .await
+            .or_else(|e| match &e {
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => Ok(None),
+                _ => Err(e),
+            })?;
+    Ok(applied.unwrap_or(0) >= latest)
+}
+
+/// Whether a database error means "Postgres is unreachable" (retry later) rather than a bug.
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => {
+            // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now, 08xxx connection exceptions
+            db.code()
+                .is_some_and(|c| c.starts_with("57P") || c.starts_with("08") || c == "53300")
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,430 @@
+//! The Leaf-compatible routes (SPEC §5) against real Postgres and the simulator.
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn create_forwards_to_leaf_and_answers_201_with_redacted_secrets() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    let resp = app.create(user, &body("cid-1", "aaaa1111bbbb")).await;
+    assert_eq!(resp.status(), 201);
+    assert!(resp.headers().get("x-request-id").is_some());
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["clientId"], "cid-1");
+    assert_eq!(v["clientSecret"], "****bbbb");
+    assert_eq!(v["apiKey"], "****bbbb");
+    assert_eq!(v["refreshToken"], "****bbbb");
+    assert_eq!(v["status"], "OK");
+    assert_eq!(v["syncState"], "SYNCED");
+    assert!(v["id"].is_string() && v["createdTime"].is_string() && v["updatedAt"].is_string());
+    assert!(v["accessToken"].as_str().unwrap().starts_with("****"));
+    assert!(v["tokenMetadata"]["scopes"].is_array() && v["scopes"].is_array());
+    // Leaf received the secrets in clear.
+    let leaf = app.leaf_state(user).await.expect("Leaf holds it");
+    assert_eq!(leaf["clientSecret"], "client-secret-aaaa1111bbbb");
+    // The audit trail names the caller.
+    let n = app.count("select count(*) from audit where action = 'credential.create' and actor = 'test-caller' and outcome = 'success'").await;
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn a_second_create_for_the_same_user_is_a_409() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    assert_eq!(
+        app.create(user, &body("c", "first-000000")).await.status(),
+        201
+    );
+    app.clear_sim_requests().await;
+    let resp = app.create(user, &body("c", "second-00000")).await;
+    assert_problem(resp, 409, "conflict").await;
+    assert!(app.sim_requests().await.is_empty(), "nothing forwarded");
+}
+
+#[tokio::test]
+async fn get_reveals_secrets_only_with_the_reveal_scope_and_audits_it() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    app.create(user, &body("cid", "revealme1234")).await;
+    let r = app.get(user, "credentials:read").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credsync-source"], "leaf");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["clientSecret"], "****1234");
+    let admin = app.get(user, "admin").await.json::<Value>().await.unwrap();
+    assert_eq!(
+        admin["clientSecret"], "****1234",
+        "admin alone does not reveal"
+    );
+    let r = app.get(user, "credentials:reveal").await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["clientSecret"], "client-secret-revealme1234");
+    assert_eq!(v["apiKey"], "api-key-revealme1234");
+    let n = app
+        .count("select count(*) from audit where action = 'credential.reveal'")
+        .await;
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn short_secrets_are_fully_redacted() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    let b = json!({"clientId": "c", "clientSecret": "short", "apiKey": "elevenchars", "refreshToken": "twelve-chars"});
+    let v: Value = app.create(user, &b).await.json().await.unwrap();
+    assert_eq!(v["clientSecret"], "****");
+    assert_eq!(v["apiKey"], "****");
+    assert_eq!(v["refreshToken"], "****hars");
+}
+
+#[tokio::test]
+async fn delete_shreds_locally_and_at_leaf_then_404s() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    app.create(user, &body("cid", "deleteme0000")).await;
+    let r = app.delete(user, "credentials:delete").await;
+    assert_eq!(r.status(), 204);
+    assert!(app.leaf_state(user).await.is_none());
+    assert_eq!(app.count("select count(*) from credential").await, 0);
+    assert_eq!(
+        app.count(
+            "select count(*) from audit where action = 'credential.delete' and outcome = 'success'"
+        )
+        .await,
+        1
+    );
+    assert_problem(app.get(user, "credentials:read").await, 404, "not-found").await;
+    assert_problem(
+        app.delete(user, "credentials:delete").await,
+        404,
+        "not-found",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn status_reads_leafs_status_and_the_cache_answers_without_leaf() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    app.create(user, &body("cid", "status000000")).await;
+    let path =
+        format!("/services/usermanagement/api/users/{user}/climate-field-view-credentials/status");
+    let r = app
+        .sim_put(
+            &format!("/__sim/users/{user}/climate-field-view-credentials/status"),
+            json!({"status": "UNAUTHENTICATED"}),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    let r = app.get_path(&path, "status:read").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credsync-source"], "leaf");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "UNAUTHENTICATED");
+    assert!(v["checkedAt"].is_string());
+    app.clear_sim_requests().await;
+    let r = app
+        .get_path(&format!("{path}?source=cache"), "status:read")
+        .await;
+    assert_eq!(r.headers()["x-credsync-source"], "cache");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["status"],
+        "UNAUTHENTICATED"
+    );
+    assert!(
+        app.sim_requests().await.is_empty(),
+        "source=cache does not call Leaf"
+    );
+    let hist = app.count("select count(*) from status_history where to_status = 'UNAUTHENTICATED' and from_status = 'OK' and source = 'request'").await;
+    assert_eq!(hist, 1);
+}
+
+#[tokio::test]
+async fn events_are_leaf_shaped_paged_and_cached() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    app.create(user, &body("cid", "events000000")).await;
+    let r = app
+        .sim_post(
+            &format!("/__sim/users/{user}/climate-field-view-credentials/events"),
+            json!({"generate": 30, "statusCode": 401, "start": "2026-10-01T00:00:00Z", "stepSecs": 60}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let path =
+        format!("/services/usermanagement/api/users/{user}/climate-field-view-credentials/events");
+    let r = app
+        .get_path(&format!("{path}?page=0&size=10"), "status:read")
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credsync-source"], "leaf");
+    let list: Vec<Value> = r.json().await.unwrap();
+    assert_eq!(list.len(), 10);
+    for e in &list {
+        for k in ["id", "createdDate", "statusCode", "headers", "body"] {
+            assert!(e.get(k).is_some(), "{k} in {e}");
+        }
+    }
+    let dates: Vec<&str> = list
+        .iter()
+        .map(|e| e["createdDate"].as_str().unwrap())
+        .collect();
+    let mut sorted = dates.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(dates, sorted, "newest first");
+    // The whole list is cached after reading all pages, deduplicated.
+    for page in 0..4 {
+        app.get_path(&format!("{path}?page={page}&size=10"), "status:read")
+            .await;
+    }
+    app.get_path(&format!("{path}?page=0&size=10"), "status:read")
+        .await;
+    assert_eq!(app.count("select count(*) from event").await, 31);
+    let r = app
+        .get_path(
+            &format!("{path}?source=cache&size=100&sort=createdDate,asc"),
+            "status:read",
+        )
+        .await;
+    assert_eq!(r.headers()["x-credsync-source"], "cache");
+    let cached: Vec<Value> = r.json().await.unwrap();
+    assert_eq!(cached.len(), 31);
+    assert!(
+        cached[0]["createdDate"].as_str().unwrap() < cached[30]["createdDate"].as_str().unwrap()
+    );
+    // size is clamped, bad paging is a 400.
+    let r = app
+        .get_path(&format!("{path}?size=500"), "status:read")
+        .await;
+    assert_eq!(r.json::<Vec<Value>>().await.unwrap().len(), 31);
+    for bad in ["size=0", "size=x", "page=-1", "sort=id,desc"] {
+        assert_problem(
+            app.get_path(&format!("{path}?{bad}"), "status:read").await,
+            400,
+            "validation",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_credential_created_directly_at_leaf_is_adopted_on_get() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    let r = app
+        .sim_post(
+            "/__sim/credentials",
+            json!({"leafUserId": user, "fields": {"clientId": "direct", "clientSecret": "direct-secret-0000", "apiKey": "direct-key-0000", "refreshToken": "direct-rt-0000"}}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let r = app.get(user, "credentials:read").await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["clientId"], "direct");
+    assert_eq!(v["clientSecret"], "****0000");
+    assert_eq!(app.count("select count(*) from credential where sync_state = 'SYNCED' and leaf_credential_id is not null").await, 1);
+    assert_eq!(
+        app.count("select count(*) from audit where action = 'credential.adopted'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn leaf_losing_a_credential_destroys_the_local_copy() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    app.create(user, &body("cid", "vanish000000")).await;
+    // Deleted at Leaf behind credsync's back.
+    let token: Value = app
+        .client
+        .post(format!("{}/api/authenticate", app.sim_url))
+        .json(&json!({"username": "leaf-user", "password": "leaf-pass", "rememberMe": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = app
+        .client
+        .delete(format!(
+            "{}/services/usermanagement/api/users/{user}/climate-field-view-credentials",
+            app.sim_url
+        ))
+        .bearer_auth(token["id_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_problem(app.get(user, "credentials:read").await, 404, "not-found").await;
+    assert_eq!(app.count("select count(*) from credential").await, 0);
+    assert_eq!(app.count("select count(*) from audit where action = 'credential.vanished' and actor = 'test-caller'").await, 1);
+}
+
+#[tokio::test]
+async fn leaf_400_is_passed_on_with_secrets_masked_and_nothing_kept() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    let b = json!({"clientId": "c", "clientSecret": "cs-000000000", "apiKey": "ak-000000000", "refreshToken": "invalid-rt-secret-value"});
+    let resp = app.create(user, &b).await;
+    let problem = assert_problem(resp, 400, "upstream-rejected").await;
+    assert!(!problem.to_string().contains("invalid-rt-secret-value"));
+    assert_eq!(app.count("select count(*) from credential").await, 0);
+    assert_eq!(app.count("select count(*) from outbox").await, 0);
+    assert_eq!(
+        app.count(
+            "select count(*) from audit where action = 'credential.create' and outcome = 'failure'"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn leaf_5xx_on_a_read_without_a_local_copy_is_502_and_timeout_is_504() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    app.fault(json!({"fixedStatus": 500, "remaining": 1})).await;
+    assert_problem(
+        app.get(user, "credentials:read").await,
+        502,
+        "upstream-error",
+    )
+    .await;
+    app.fault(json!({"garbage": true, "remaining": 1})).await;
+    assert_problem(
+        app.get(user, "credentials:read").await,
+        502,
+        "upstream-error",
+    )
+    .await;
+    app.fault(json!({"hang": true, "remaining": 1})).await;
+    assert_problem(
+        app.get(user, "credentials:read").await,
+        504,
+        "upstream-timeout",
+    )
+    .await;
+    app.fault(json!({"fixedStatus": 429, "retryAfterSecs": 7, "remaining": 1}))
+        .await;
+    let r = app.get(user, "credentials:read").await;
+    assert_eq!(r.headers()["retry-after"], "7");
+    assert_problem(r, 503, "upstream-unavailable").await;
+    app.fault(json!({"fixedStatus": 405, "remaining": 1})).await;
+    assert_problem(
+        app.get(user, "credentials:read").await,
+        502,
+        "upstream-error",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn reads_fall_back_to_the_cache_when_leaf_is_down() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    app.create(user, &body("cid", "cached000000")).await;
+    app.fault(json!({"fixedStatus": 503})).await;
+    let r = app.get(user, "credentials:read").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credsync-source"], "cache");
+    assert_eq!(r.json::<Value>().await.unwrap()["clientSecret"], "****0000");
+    let path =
+        format!("/services/usermanagement/api/users/{user}/climate-field-view-credentials/status");
+    let r = app.get_path(&path, "status:read").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credsync-source"], "cache");
+}
+
+#[tokio::test]
+async fn writes_are_queued_with_202_when_leaf_is_down() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    app.fault(json!({"fixedStatus": 503})).await;
+    let r = app.create(user, &body("cid", "queued000000")).await;
+    assert_eq!(r.status(), 202);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["syncState"], "PENDING_UPSTREAM");
+    assert_eq!(v["status"], Value::Null);
+    assert_eq!(v["clientSecret"], "****0000");
+    assert_eq!(
+        app.count("select count(*) from outbox where op = 'create'")
+            .await,
+        1
+    );
+    // While pending: the local copy, no Leaf call; status null; events empty.
+    app.clear_sim_requests().await;
+    let r = app.get(user, "credentials:read").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credsync-source"], "cache");
+    let base = format!("/services/usermanagement/api/users/{user}/climate-field-view-credentials");
+    let s: Value = app
+        .get_path(&format!("{base}/status"), "status:read")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s, json!({"status": null, "checkedAt": null}));
+    let e: Value = app
+        .get_path(&format!("{base}/events"), "status:read")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(e, json!([]));
+    assert!(app.sim_requests().await.is_empty());
+    // A delete while Leaf is down is queued too, and the record disappears from reads.
+    let r = app.delete(user, "credentials:delete").await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"syncState": "DELETE_PENDING"})
+    );
+    assert_eq!(app.count("select count(*) from credential where secrets is null and sync_state = 'DELETE_PENDING'").await, 1);
+    let p = assert_problem(app.get(user, "credentials:read").await, 404, "not-found").await;
+    assert!(p["detail"].as_str().unwrap().contains("delete"));
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_the_first_answer() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    let b = body("cid", "idem00000000");
+    let send = |b: Value, key: &'static str| {
+        app.client
+            .post(app.cred_url(user))
+            .bearer_auth(token(ALL_SCOPES))
+            .header("Idempotency-Key", key)
+            .json(&b)
+            .send()
+    };
+    let first = send(b.clone(), "k-1").await.unwrap();
+    assert_eq!(first.status(), 201);
+    let first_body: Value = first.json().await.unwrap();
+    let again = send(b.clone(), "k-1").await.unwrap();
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap(), first_body);
+    let other = send(body("cid", "different000"), "k-1").await.unwrap();
+    assert_problem(other, 422, "idempotency-key-reused").await;
+    // Without the key the same body is a conflict: the replay did not create anything.
+    assert_problem(app.create(user, &b).await, 409, "conflict").await;
+    let creates = app
+        .sim_requests()
+        .await
+        .iter()
+        .filter(|(m, p)| m == "POST" && p.ends_with("climate-field-view-credentials"))
+        .count();
+    assert_eq!(creates, 1, "only the first request reached Leaf");
+    assert_eq!(app.count("select count(*) from idempotency").await, 1);
+    let dump = app.dump_all_tables().await;
+    assert!(
+        !dump.contains("idem00000000"),
+        "no secret in the idempotency table"
+    );
+}

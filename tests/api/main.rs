@@ -1,0 +1,9 @@
+//! The integration tests: one binary, one Postgres server per process, a fresh database per test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod auth;
+mod credentials;
+mod db;
+mod harness;
+mod helpers;
+mod sim;
