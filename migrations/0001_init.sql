@@ -1,9 +1,16 @@
 -- credsync schema, version 1.
 -- Plain tables built for bulk queries; secrets only ever appear as AES-256-GCM ciphertext.
 
-create function set_updated_at() returns trigger language plpgsql as $$
+-- updated_at moves when the credential itself changes, not when the worker leases or checks it.
+create function credential_set_updated_at() returns trigger language plpgsql as $$
 begin
-    new.updated_at = now();
+    if (new.sync_state, new.status, new.leaf_credential_id, new.created_time, new.public_fields, new.key_id,
+        new.wrapped_key, new.secrets, new.rejection_status, new.rejection_detail)
+       is distinct from
+       (old.sync_state, old.status, old.leaf_credential_id, old.created_time, old.public_fields, old.key_id,
+        old.wrapped_key, old.secrets, old.rejection_status, old.rejection_detail) then
+        new.updated_at = now();
+    end if;
     return new;
 end;
 $$;
@@ -43,7 +50,7 @@ create table credential (
     check ((key_id is null) = (wrapped_key is null) and (wrapped_key is null) = (secrets is null))
 );
 create trigger credential_updated_at before update on credential
-    for each row execute function set_updated_at();
+    for each row execute function credential_set_updated_at();
 create unique index credential_leaf_credential_id on credential (leaf_credential_id) where leaf_credential_id is not null;
 -- /v1/credentials keyset order and filters.
 create index credential_status_idx on credential (status, leaf_user_id, provider);
@@ -141,4 +148,18 @@ create table encryption_key (
     fingerprint   bytea       not null,
     encryptions   bigint      not null default 0,
     created_at    timestamptz not null default now()
+);
+
+-- On-demand sync runs (POST /v1/sync, `credsync sync --once`).
+create table sync_run (
+    id            uuid        primary key,
+    state         text        not null check (state in ('RUNNING', 'DONE', 'FAILED')),
+    users_total   integer     not null,
+    users_done    integer     not null default 0,
+    users_failed  integer     not null default 0,
+    requested_by  text        not null,
+    started_at    timestamptz not null default now(),
+    -- progress heartbeat: a RUNNING run whose owner stopped beating is reported FAILED.
+    heartbeat_at  timestamptz not null default now(),
+    finished_at   timestamptz
 );

@@ -62,20 +62,11 @@ impl Application {
         listener: TcpListener,
     ) -> anyhow::Result<Application> {
         let verifier = Verifier::new(&settings.jwt).map_err(|e| StartupError(e.to_string()))?;
-        let db = store::pool(&settings.database_url, settings.db_max_connections)?;
-        if opts.migrate {
-            migrate_with_retry(&db).await?;
-        }
-        check_keys(&db, &settings).await?;
-        let leaf = Arc::new(LeafClient::new(&settings.leaf)?);
-        let gateway = Gateway {
-            db: db.clone(),
-            keyring: settings.keyring.clone(),
-            leaf,
-            outbox_grace: settings.leaf.timeout + Duration::from_secs(30),
-        };
+        let gateway = Self::build_gateway(&settings, opts.migrate).await?;
+        let syncer = crate::sync::Syncer::new(gateway.clone(), settings.sync.clone());
         let state = Arc::new(AppState {
             gateway,
+            syncer: syncer.clone(),
             verifier,
             metrics: http::metrics_handle(),
             max_body_bytes: settings.max_body_bytes,
@@ -90,19 +81,28 @@ impl Application {
             drop(listener);
             None
         };
-        let worker = if opts.sync {
-            Some(crate::sync::spawn(
-                state.gateway.clone(),
-                settings.sync.clone(),
-            ))
-        } else {
-            None
-        };
+        let worker = opts.sync.then(|| crate::sync::spawn(syncer));
         Ok(Application {
             port,
             server,
             state,
             worker,
+        })
+    }
+
+    /// The pool (migrated when `migrate`), the key check and the Leaf client.
+    pub async fn build_gateway(settings: &Settings, migrate: bool) -> anyhow::Result<Gateway> {
+        let db = store::pool(&settings.database_url, settings.db_max_connections)?;
+        if migrate {
+            migrate_with_retry(&db).await?;
+        }
+        check_keys(&db, settings).await?;
+        let leaf = Arc::new(LeafClient::new(&settings.leaf)?);
+        Ok(Gateway {
+            db,
+            keyring: settings.keyring.clone(),
+            leaf,
+            outbox_grace: settings.leaf.timeout + Duration::from_secs(30),
         })
     }
 
@@ -125,7 +125,12 @@ impl Application {
         match self.server {
             Some(server) => server.await?,
             None => {
-                tokio::signal::ctrl_c().await?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    r = tokio::signal::ctrl_c() => r?,
+                    _ = term.recv() => {}
+                }
             }
         }
         if let Some(worker) = self.worker {

@@ -168,6 +168,8 @@ pub struct JwtSettings {
 #[derive(Debug, Clone)]
 pub struct SyncSettings {
     pub interval: Duration,
+    /// How long a worker holds a claimed credential or outbox entry before another may take it.
+    pub lease: Duration,
     pub concurrency: usize,
     pub events_retention_days: u32,
 }
@@ -334,11 +336,19 @@ pub fn leaf_settings(src: &Source) -> Result<LeafSettings, ConfigError> {
             "must be a positive integer",
         ));
     }
+    let replicas = src.parse("CREDSYNC_REPLICAS", 1u32, "a positive integer")?;
+    if replicas == 0 {
+        return Err(ConfigError::new(
+            "CREDSYNC_REPLICAS",
+            "must be a positive integer",
+        ));
+    }
     Ok(LeafSettings {
         api_url,
         auth,
         timeout: Duration::from_millis(timeout_ms),
-        max_rps,
+        // Each process takes its share of the account-wide ceiling.
+        max_rps: (max_rps / replicas).max(1),
     })
 }
 
@@ -359,6 +369,10 @@ pub fn sync_settings(src: &Source) -> Result<SyncSettings, ConfigError> {
     }
     Ok(SyncSettings {
         interval: Duration::from_secs(interval),
+        lease: Duration::from_secs(
+            src.parse("CREDSYNC_SYNC_LEASE_SECS", 120u64, "a number of seconds")?
+                .max(1),
+        ),
         concurrency,
         events_retention_days: src.parse(
             "CREDSYNC_EVENTS_RETENTION_DAYS",

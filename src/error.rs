@@ -44,6 +44,9 @@ pub enum ApiError {
     MissingToken,
     #[error("the bearer token is not valid: {0}")]
     InvalidToken(&'static str),
+    /// `/v1/leaf/alerts` without a valid `X-Leaf-Signature`.
+    #[error("{0}")]
+    InvalidSignature(&'static str),
     #[error("this route needs the scope `{0}`")]
     InsufficientScope(String),
     #[error("too many requests; retry after {0} s")]
@@ -81,6 +84,7 @@ impl ApiError {
             ApiError::IdempotencyMismatch => "idempotency-key-reused",
             ApiError::MissingToken => "missing-token",
             ApiError::InvalidToken(_) => "invalid-token",
+            ApiError::InvalidSignature(_) => "invalid-signature",
             ApiError::InsufficientScope(_) => "insufficient-scope",
             ApiError::RateLimited(_) => "rate-limited",
             ApiError::MethodNotAllowed => "method-not-allowed",
@@ -105,6 +109,7 @@ impl ApiError {
             ApiError::IdempotencyMismatch => "Idempotency key reused",
             ApiError::MissingToken => "Authentication required",
             ApiError::InvalidToken(_) => "Invalid token",
+            ApiError::InvalidSignature(_) => "Invalid signature",
             ApiError::InsufficientScope(_) => "Insufficient scope",
             ApiError::RateLimited(_) => "Too many requests",
             ApiError::MethodNotAllowed => "Method not allowed",
@@ -167,7 +172,9 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => 404,
             ApiError::Conflict(_) | ApiError::IdempotencyInProgress => 409,
             ApiError::IdempotencyMismatch => 422,
-            ApiError::MissingToken | ApiError::InvalidToken(_) => 401,
+            ApiError::MissingToken | ApiError::InvalidToken(_) | ApiError::InvalidSignature(_) => {
+                401
+            }
             ApiError::InsufficientScope(_) => 403,
             ApiError::RateLimited(_) => 429,
             ApiError::MethodNotAllowed => 405,

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod cursor;
 pub mod dev;
 pub mod domain;
 pub mod error;

@@ -121,7 +121,7 @@ impl FromRequest for Authed {
 }
 
 /// Whether the request declares a JSON body.
-fn is_json(req: &HttpRequest) -> bool {
+pub fn is_json(req: &HttpRequest) -> bool {
     let Some(ct) = req
         .headers()
         .get(header::CONTENT_TYPE)

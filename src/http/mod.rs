@@ -6,6 +6,7 @@
 mod credentials;
 mod extract;
 mod ops;
+mod sync_routes;
 pub mod v1;
 
 use std::net::TcpListener;
@@ -29,6 +30,7 @@ use crate::gateway::Gateway;
 /// Shared state of every worker.
 pub struct AppState {
     pub gateway: Gateway,
+    pub syncer: crate::sync::Syncer,
     pub verifier: Verifier,
     pub metrics: PrometheusHandle,
     pub max_body_bytes: usize,
@@ -122,6 +124,7 @@ async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     ops::routes(cfg);
     credentials::routes(cfg);
+    sync_routes::routes(cfg);
     v1::routes(cfg);
 }
 

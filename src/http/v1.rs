@@ -1,4 +1,719 @@
-//! credsync's own API (`/v1`, SPEC §6).
-use actix_web::web;
+//! credsync's own API (`/v1`, SPEC §6): cross-user read routes (credentials, summary, status
+//! history, cached events, audit trail) and Leaf's signed alerts webhook.
+//!
+//! Owns: query-parameter validation (every bad value is a 400 naming the parameter), cursors
+//! (opaque and tamper-evident, see [`crate::cursor`]), the answer shapes, and the webhook's
+//! signature check. Must never: put a caller's value into SQL (the store binds it), accept an
+//! unsigned alert, or log a webhook body.
+use std::collections::BTreeMap;
 
-pub fn routes(_cfg: &mut web::ServiceConfig) {}
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine as _;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::AppState;
+use super::extract::{Authed, read_body};
+use crate::crypto::{Keyring, ct_eq, hmac_sha256};
+use crate::domain::{LeafUserId, Scope, SyncState};
+use crate::error::ApiError;
+use crate::store::credentials::{self as creds, StatusSource};
+use crate::store::query::{
+    self, AuditFilter, CredentialFilter, EventFilter, EventKey, Page, StatusFilter,
+};
+use crate::{cursor, timefmt};
+
+/// Default and maximum page sizes of every list route.
+pub const DEFAULT_LIMIT: u32 = 100;
+pub const MAX_LIMIT: u32 = 1000;
+
+/// The `status` filter value that selects credentials without a status yet (as in the summary).
+pub const UNKNOWN_STATUS: &str = "UNKNOWN";
+
+/// The statuses the summary always shows, zeros included.
+const SUMMARY_STATUSES: [&str; 5] = [
+    "OK",
+    "UNAUTHENTICATED",
+    "MISSING_PERMISSION",
+    "TEMPORARILY_UNAVAILABLE",
+    UNKNOWN_STATUS,
+];
+
+/// The sync states a caller can see (a pending delete is gone from the caller's point of view).
+const VISIBLE_SYNC_STATES: [SyncState; 3] = [
+    SyncState::Synced,
+    SyncState::PendingUpstream,
+    SyncState::Rejected,
+];
+
+/// Audit actions `/v1/audit?action=` accepts. `credential.read` appears only with outcome
+/// `denied` (a 403 on a credential route).
+pub const AUDIT_ACTIONS: &[&str] = &[
+    "credential.create",
+    "credential.delete",
+    "credential.read",
+    "credential.reveal",
+    "credential.rejected",
+    "credential.adopted",
+    "credential.vanished",
+    "sync.trigger",
+    "key.rotate",
+];
+
+/// Leaf's one-off registration confirmation.
+const CONFIRMATION_MESSAGE: &str = "confirmation of webhook upon registration";
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/v1/credentials")
+            .route(web::get().to(list_credentials))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/credentials/summary")
+            .route(web::get().to(summary))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/users/{leafUserId}/status-history")
+            .route(web::get().to(status_history))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/events")
+            .route(web::get().to(list_events))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/audit")
+            .route(web::get().to(list_audit))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/leaf/alerts")
+            .route(web::post().to(leaf_alert))
+            .default_service(web::to(alerts_other_method)),
+    );
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// query parameters, pages and cursors
+
+/// The query string as name/value pairs. Unknown names are ignored; a known one given twice,
+/// or given empty, is a 400 naming it.
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn parse(req: &HttpRequest) -> Result<Params, ApiError> {
+        web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+            .map(|q| Params(q.into_inner()))
+            .map_err(|_| ApiError::Validation("the query string is malformed".into()))
+    }
+
+    fn get(&self, name: &str) -> Result<Option<&str>, ApiError> {
+        let mut found = self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| v);
+        let value = found.next();
+        if found.next().is_some() {
+            return Err(ApiError::Validation(format!(
+                "{name}: given more than once"
+            )));
+        }
+        match value {
+            Some(v) if v.is_empty() => {
+                Err(ApiError::Validation(format!("{name}: must not be empty")))
+            }
+            Some(v) => Ok(Some(v.as_str())),
+            None => Ok(None),
+        }
+    }
+
+    fn limit(&self) -> Result<u32, ApiError> {
+        match self.get("limit")? {
+            None => Ok(DEFAULT_LIMIT),
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=MAX_LIMIT).contains(n) && v.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| {
+                    ApiError::Validation(format!("limit: must be an integer from 1 to {MAX_LIMIT}"))
+                }),
+        }
+    }
+
+    fn timestamp(&self, name: &str) -> Result<Option<OffsetDateTime>, ApiError> {
+        self.get(name)?
+            .map(|v| {
+                timefmt::parse_strict(v).ok_or_else(|| {
+                    ApiError::Validation(format!(
+                        "{name}: must be an RFC 3339 timestamp with an offset, e.g. 2026-01-02T03:04:05Z"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    fn user(&self, name: &str) -> Result<Option<Uuid>, ApiError> {
+        self.get(name)?
+            .map(|v| {
+                LeafUserId::parse(v).map(|u| u.0).map_err(|_| {
+                    ApiError::Validation(format!("{name}: must be a UUID (8-4-4-4-12 hex digits)"))
+                })
+            })
+            .transpose()
+    }
+
+    fn status_code(&self, name: &str) -> Result<Option<i32>, ApiError> {
+        self.get(name)?
+            .map(|v| {
+                v.parse::<i32>()
+                    .ok()
+                    .filter(|n| (0..=999).contains(n) && v.bytes().all(|b| b.is_ascii_digit()))
+                    .ok_or_else(|| {
+                        ApiError::Validation(format!("{name}: must be an integer from 0 to 999"))
+                    })
+            })
+            .transpose()
+    }
+
+    /// The verified sort key of the `cursor` parameter, if any.
+    fn cursor<K: DeserializeOwned>(
+        &self,
+        keyring: &Keyring,
+        route: &str,
+        filters: &str,
+    ) -> Result<Option<K>, ApiError> {
+        self.get("cursor")?
+            .map(|raw| {
+                cursor::decode(keyring, route, filters, raw)
+                    .map_err(|e| ApiError::Validation(format!("cursor: {e}")))
+            })
+            .transpose()
+    }
+}
+
+fn bad_cursor() -> ApiError {
+    ApiError::Validation(format!("cursor: {}", cursor::CursorError))
+}
+
+/// A timestamp as it travels inside a cursor (the canonical microsecond form, lossless for
+/// Postgres values).
+fn ts_key(t: OffsetDateTime) -> String {
+    timefmt::format(t)
+}
+
+fn parse_ts_key(s: &str) -> Result<OffsetDateTime, ApiError> {
+    timefmt::parse_strict(s).ok_or_else(bad_cursor)
+}
+
+fn opt_ts(t: Option<OffsetDateTime>) -> Option<String> {
+    t.map(timefmt::format)
+}
+
+/// `{"items": [...], "nextCursor": ...}`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PageOut<T> {
+    items: Vec<T>,
+    next_cursor: Option<String>,
+}
+
+fn page_response<R, T: Serialize, K: Serialize>(
+    keyring: &Keyring,
+    route: &str,
+    filters: &str,
+    page: Page<R>,
+    key: impl Fn(&R) -> K,
+    item: impl Fn(R) -> T,
+) -> HttpResponse {
+    let next_cursor = match (page.more, page.rows.last()) {
+        (true, Some(last)) => Some(cursor::encode(keyring, route, filters, &key(last))),
+        _ => None,
+    };
+    let body = PageOut {
+        items: page.rows.into_iter().map(item).collect(),
+        next_cursor,
+    };
+    HttpResponse::Ok().json(body)
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /v1/credentials
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RejectionOut {
+    status: Option<i32>,
+    detail: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CredentialOut {
+    leaf_user_id: Uuid,
+    provider: String,
+    status: Option<String>,
+    checked_at: Option<String>,
+    changed_at: Option<String>,
+    sync_state: String,
+    rejection: Option<RejectionOut>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl From<query::CredentialItem> for CredentialOut {
+    fn from(r: query::CredentialItem) -> Self {
+        let rejection = (r.sync_state == SyncState::Rejected.as_str()).then_some(RejectionOut {
+            status: r.rejection_status,
+            detail: r.rejection_detail,
+        });
+        CredentialOut {
+            leaf_user_id: r.leaf_user_id,
+            provider: r.provider,
+            status: r.status,
+            checked_at: opt_ts(r.checked_at),
+            changed_at: opt_ts(r.changed_at),
+            sync_state: r.sync_state,
+            rejection,
+            created_at: timefmt::format(r.created_at),
+            updated_at: timefmt::format(r.updated_at),
+        }
+    }
+}
+
+async fn list_credentials(
+    st: web::Data<AppState>,
+    who: Authed,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    who.require(Scope::StatusRead)?;
+    let p = Params::parse(&req)?;
+    let status = p.get("status")?.map(|s| {
+        if s == UNKNOWN_STATUS {
+            StatusFilter::Unknown
+        } else {
+            StatusFilter::Is(s.to_owned())
+        }
+    });
+    let sync_state = p
+        .get("syncState")?
+        .map(|s| {
+            VISIBLE_SYNC_STATES
+                .iter()
+                .find(|v| v.as_str() == s)
+                .map(|v| v.as_str())
+                .ok_or_else(|| {
+                    ApiError::Validation(
+                        "syncState: must be SYNCED, PENDING_UPSTREAM or REJECTED".into(),
+                    )
+                })
+        })
+        .transpose()?;
+    let changed_since = p.timestamp("changedSince")?;
+    let limit = p.limit()?;
+    let filter = CredentialFilter {
+        status,
+        sync_state,
+        changed_since,
+    };
+    let filters = json!([
+        p.get("status")?,
+        filter.sync_state,
+        opt_ts(filter.changed_since)
+    ])
+    .to_string();
+    const ROUTE: &str = "v1.credentials";
+    let keyring = &st.gateway.keyring;
+    let after: Option<(Uuid, String)> = p.cursor(keyring, ROUTE, &filters)?;
+    let page = query::credentials(&st.gateway.db, &filter, after.as_ref(), limit).await?;
+    Ok(page_response(
+        keyring,
+        ROUTE,
+        &filters,
+        page,
+        |r| (r.leaf_user_id, r.provider.clone()),
+        CredentialOut::from,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /v1/credentials/summary
+
+async fn summary(st: web::Data<AppState>, who: Authed) -> Result<HttpResponse, ApiError> {
+    who.require(Scope::StatusRead)?;
+    let groups = query::summary(&st.gateway.db).await?;
+    let mut by_status: BTreeMap<String, i64> = SUMMARY_STATUSES
+        .iter()
+        .map(|s| ((*s).to_owned(), 0))
+        .collect();
+    let mut by_sync_state: BTreeMap<&'static str, i64> = VISIBLE_SYNC_STATES
+        .iter()
+        .map(|s| (s.as_str(), 0))
+        .collect();
+    let mut total = 0i64;
+    let mut oldest: Option<OffsetDateTime> = None;
+    for g in groups {
+        total += g.count;
+        let status = g.status.unwrap_or_else(|| UNKNOWN_STATUS.to_owned());
+        *by_status.entry(status).or_insert(0) += g.count;
+        if let Some(state) =
+            SyncState::parse(&g.sync_state).filter(|s| VISIBLE_SYNC_STATES.contains(s))
+        {
+            *by_sync_state.entry(state.as_str()).or_insert(0) += g.count;
+        }
+        oldest = match (oldest, g.oldest_check_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok(HttpResponse::Ok().json(json!({
+        "total": total,
+        "byStatus": by_status,
+        "bySyncState": by_sync_state,
+        "oldestCheckAt": opt_ts(oldest),
+    })))
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /v1/users/{leafUserId}/status-history
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TransitionOut {
+    provider: String,
+    from: Option<String>,
+    to: String,
+    at: String,
+    source: String,
+}
+
+async fn status_history(
+    st: web::Data<AppState>,
+    who: Authed,
+    path: web::Path<String>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    who.require(Scope::StatusRead)?;
+    let user = LeafUserId::parse(&path.into_inner())
+        .map_err(ApiError::Validation)?
+        .0;
+    let p = Params::parse(&req)?;
+    let limit = p.limit()?;
+    let filters = json!([user]).to_string();
+    const ROUTE: &str = "v1.status-history";
+    let keyring = &st.gateway.keyring;
+    let after = p
+        .cursor::<(String, i64)>(keyring, ROUTE, &filters)?
+        .map(|(at, id)| parse_ts_key(&at).map(|at| (at, id)))
+        .transpose()?;
+    let page = query::status_history(&st.gateway.db, user, after, limit).await?;
+    Ok(page_response(
+        keyring,
+        ROUTE,
+        &filters,
+        page,
+        |r| (ts_key(r.at), r.id),
+        |r| TransitionOut {
+            provider: r.provider,
+            from: r.from_status,
+            to: r.to_status,
+            at: timefmt::format(r.at),
+            source: r.source,
+        },
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /v1/events
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventOut {
+    leaf_user_id: Uuid,
+    provider: String,
+    id: String,
+    created_date: String,
+    status_code: i32,
+    headers: String,
+    body: String,
+}
+
+async fn list_events(
+    st: web::Data<AppState>,
+    who: Authed,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    who.require(Scope::StatusRead)?;
+    let p = Params::parse(&req)?;
+    let filter = EventFilter {
+        leaf_user_id: p.user("leafUserId")?,
+        since: p.timestamp("since")?,
+        until: p.timestamp("until")?,
+        status_code: p.status_code("statusCode")?,
+        min_status_code: p.status_code("minStatusCode")?,
+    };
+    let limit = p.limit()?;
+    let filters = json!([
+        filter.leaf_user_id,
+        opt_ts(filter.since),
+        opt_ts(filter.until),
+        filter.status_code,
+        filter.min_status_code
+    ])
+    .to_string();
+    const ROUTE: &str = "v1.events";
+    let keyring = &st.gateway.keyring;
+    let after: Option<EventKey> = p
+        .cursor::<(String, String, Uuid, String)>(keyring, ROUTE, &filters)?
+        .map(|(at, id, user, provider)| parse_ts_key(&at).map(|at| (at, id, user, provider)))
+        .transpose()?;
+    let page = query::events(&st.gateway.db, &filter, after.as_ref(), limit).await?;
+    Ok(page_response(
+        keyring,
+        ROUTE,
+        &filters,
+        page,
+        |r| {
+            (
+                ts_key(r.created_date),
+                r.id.clone(),
+                r.leaf_user_id,
+                r.provider.clone(),
+            )
+        },
+        |r| EventOut {
+            leaf_user_id: r.leaf_user_id,
+            provider: r.provider,
+            id: r.id,
+            created_date: timefmt::format(r.created_date),
+            status_code: r.status_code,
+            headers: r.headers,
+            body: r.body,
+        },
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /v1/audit
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AuditOut {
+    id: String,
+    at: String,
+    actor: String,
+    action: String,
+    leaf_user_id: Option<Uuid>,
+    provider: Option<String>,
+    outcome: String,
+    request_id: Option<String>,
+    detail: Option<String>,
+}
+
+async fn list_audit(
+    st: web::Data<AppState>,
+    who: Authed,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    who.require(Scope::Admin)?;
+    let p = Params::parse(&req)?;
+    let action = p
+        .get("action")?
+        .map(|a| {
+            AUDIT_ACTIONS
+                .contains(&a)
+                .then(|| a.to_owned())
+                .ok_or_else(|| {
+                    ApiError::Validation(format!(
+                        "action: must be one of {}",
+                        AUDIT_ACTIONS.join(", ")
+                    ))
+                })
+        })
+        .transpose()?;
+    let actor = p.get("actor")?.map(str::to_owned);
+    if actor.as_ref().is_some_and(|a| a.len() > 256) {
+        return Err(ApiError::Validation("actor: at most 256 bytes".into()));
+    }
+    let filter = AuditFilter {
+        leaf_user_id: p.user("leafUserId")?,
+        actor,
+        action,
+        since: p.timestamp("since")?,
+    };
+    let limit = p.limit()?;
+    let filters = json!([
+        filter.leaf_user_id,
+        filter.actor,
+        filter.action,
+        opt_ts(filter.since)
+    ])
+    .to_string();
+    const ROUTE: &str = "v1.audit";
+    let keyring = &st.gateway.keyring;
+    let after = p
+        .cursor::<(String, i64)>(keyring, ROUTE, &filters)?
+        .map(|(at, id)| parse_ts_key(&at).map(|at| (at, id)))
+        .transpose()?;
+    let page = query::audit(&st.gateway.db, &filter, after, limit).await?;
+    Ok(page_response(
+        keyring,
+        ROUTE,
+        &filters,
+        page,
+        |r| (ts_key(r.at), r.id),
+        |r| AuditOut {
+            id: r.id.to_string(),
+            at: timefmt::format(r.at),
+            actor: r.actor,
+            action: r.action,
+            leaf_user_id: r.leaf_user_id,
+            provider: r.provider,
+            outcome: r.outcome,
+            request_id: r.request_id,
+            detail: r.detail,
+        },
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /v1/leaf/alerts
+
+fn webhook_disabled() -> ApiError {
+    ApiError::NotFound(
+        "the Leaf alerts webhook is not enabled (LEAF_WEBHOOK_SECRET is not set)".into(),
+    )
+}
+
+async fn alerts_other_method(st: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    if st.webhook_secret.is_none() {
+        return Err(webhook_disabled());
+    }
+    Err(ApiError::MethodNotAllowed)
+}
+
+/// Whether `header` is the standard base64 HMAC-SHA256 of `body` under `secret` (constant time).
+fn signature_matches(secret: &str, body: &[u8], header: &[u8]) -> bool {
+    let Ok(given) = base64::engine::general_purpose::STANDARD.decode(header.trim_ascii()) else {
+        return false;
+    };
+    ct_eq(&hmac_sha256(secret.as_bytes(), body), &given)
+}
+
+fn alert_outcome(outcome: &'static str) {
+    metrics::counter!("credsync_alerts_total", "outcome" => outcome).increment(1);
+}
+
+fn no_content() -> HttpResponse {
+    HttpResponse::build(StatusCode::NO_CONTENT).finish()
+}
+
+/// The status an alert type implies.
+fn status_for_type(kind: &str) -> Option<&'static str> {
+    match kind {
+        "credentialsUnauthenticated" => Some("UNAUTHENTICATED"),
+        "credentialsLimitedPermission" => Some("MISSING_PERMISSION"),
+        _ => None,
+    }
+}
+
+/// The status an alert sets: its `status` when usable, else the one its `type` implies.
+fn alert_status(alert: &serde_json::Map<String, Value>) -> Option<String> {
+    let explicit = alert
+        .get("status")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic()));
+    explicit.map(str::to_owned).or_else(|| {
+        alert
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(status_for_type)
+            .map(str::to_owned)
+    })
+}
+
+async fn leaf_alert(
+    st: web::Data<AppState>,
+    req: HttpRequest,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let Some(secret) = &st.webhook_secret else {
+        return Err(webhook_disabled());
+    };
+    let body = read_body(&req, &mut payload, st.max_body_bytes).await?;
+    let signed = match req.headers().get("x-leaf-signature") {
+        None => false,
+        Some(sig) => {
+            let secret = secrecy::ExposeSecret::expose_secret(secret);
+            if !signature_matches(secret, &body, sig.as_bytes()) {
+                alert_outcome("invalid_signature");
+                tracing::warn!("Leaf alert with a wrong X-Leaf-Signature refused");
+                return Err(ApiError::InvalidSignature(
+                    "X-Leaf-Signature does not match the body",
+                ));
+            }
+            true
+        }
+    };
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    if parsed.as_ref() == Some(&json!({ "message": CONFIRMATION_MESSAGE })) {
+        alert_outcome("confirmation");
+        tracing::info!(signed, "Leaf confirmed the alerts webhook registration");
+        return Ok(no_content());
+    }
+    if !signed {
+        alert_outcome("unsigned");
+        tracing::warn!("unsigned Leaf alert refused");
+        return Err(ApiError::InvalidSignature(
+            "X-Leaf-Signature is required (standard base64 of HMAC-SHA256 over the raw body)",
+        ));
+    }
+    let Some(Value::Object(alert)) = parsed else {
+        alert_outcome("malformed");
+        tracing::warn!("signed Leaf alert whose body is not a JSON object");
+        return Err(ApiError::Validation("body: must be a JSON object".into()));
+    };
+    let kind = alert.get("type").and_then(Value::as_str).unwrap_or("");
+    let Some(raw_id) = alert.get("credentialId").and_then(Value::as_str) else {
+        alert_outcome("unusable");
+        tracing::warn!(alert_type = %kind, "Leaf alert without a credentialId ignored");
+        return Ok(no_content());
+    };
+    let row = match Uuid::try_parse(raw_id) {
+        Ok(id) => creds::get_by_leaf_id(&st.gateway.db, id).await?,
+        Err(_) => None,
+    };
+    let Some(row) = row else {
+        alert_outcome("unknown_credential");
+        metrics::counter!("credsync_alerts_unknown_credential_total").increment(1);
+        tracing::warn!(credential_id = %raw_id.chars().take(64).collect::<String>(), alert_type = %kind,
+            "Leaf alert for a credential credsync does not track ignored");
+        return Ok(no_content());
+    };
+    let Some(status) = alert_status(&alert) else {
+        alert_outcome("unusable");
+        tracing::warn!(leaf_user_id = %row.leaf_user_id, provider = %row.provider, alert_type = %kind,
+            "Leaf alert without a usable status or type ignored");
+        return Ok(no_content());
+    };
+    let changed = creds::set_status(
+        &st.gateway.db,
+        row.leaf_user_id,
+        &row.provider,
+        &status,
+        StatusSource::Alert,
+    )
+    .await?;
+    alert_outcome(if changed { "applied" } else { "unchanged" });
+    tracing::info!(leaf_user_id = %row.leaf_user_id, provider = %row.provider, %status, changed,
+        "Leaf alert received");
+    Ok(no_content())
+}

@@ -7,6 +7,8 @@ pub mod credentials;
 pub mod events;
 pub mod gauges;
 pub mod idempotency;
+pub mod query;
+pub mod work;
 
 use std::time::Duration;
 

@@ -141,7 +141,10 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         .await
         .expect("app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
-    let db = PgPool::connect(&db_url).await.unwrap();
+    let db = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_lazy(&db_url)
+        .unwrap();
     let handle = app.handle();
     let task = if opts.run.http || opts.run.sync {
         Some(tokio::spawn(app.run_until_stopped()))

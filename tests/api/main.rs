@@ -2,8 +2,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod auth;
+mod cli;
 mod credentials;
 mod db;
 mod harness;
 mod helpers;
+mod input;
+mod ops;
+mod secrets;
 mod sim;
+mod sync;
+mod v1;

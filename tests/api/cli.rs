@@ -1,0 +1,123 @@
+//! The real binary: usage, configuration errors, key generation, token minting.
+use std::process::Command;
+
+fn credsync() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_credsync"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CREDSYNC_LOG_FORMAT", "json");
+    c
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["dev", "--help"],
+        vec!["migrate", "--help"],
+        vec!["keys", "generate", "--help"],
+        vec!["keys", "rotate", "--help"],
+        vec!["token", "mint", "--help"],
+        vec!["leaf-sim", "--help"],
+        vec!["sync", "--help"],
+    ] {
+        let out = credsync().args(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let out = credsync().arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_missing_setting_exits_2_naming_it_without_printing_secrets() {
+    let out = credsync()
+        .arg("serve")
+        .env("CREDSYNC_JWT_HS256_SECRET", "super-secret-jwt-value-123")
+        .env(
+            "CREDSYNC_ENCRYPTION_KEYS",
+            "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DATABASE_URL"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let out = credsync()
+        .arg("serve")
+        .env("DATABASE_URL", "postgres://u:pw-hunter2@127.0.0.1:1/db")
+        .env("CREDSYNC_JWT_HS256_SECRET", "super-secret-jwt-value-123")
+        .env("CREDSYNC_ENCRYPTION_KEYS", "k1:c2hvcnQ=")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CREDSYNC_ENCRYPTION_KEYS"), "{err}");
+    assert!(
+        !err.contains("c2hvcnQ") && !err.contains("hunter2") && !err.contains("super-secret"),
+        "{err}"
+    );
+}
+
+#[test]
+fn keys_generate_prints_a_fresh_32_byte_key() {
+    use base64::Engine as _;
+    let a = credsync().args(["keys", "generate"]).output().unwrap();
+    let b = credsync().args(["keys", "generate"]).output().unwrap();
+    let (a, b) = (
+        String::from_utf8(a.stdout).unwrap(),
+        String::from_utf8(b.stdout).unwrap(),
+    );
+    assert_ne!(a, b);
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(a.trim())
+            .unwrap()
+            .len(),
+        32
+    );
+}
+
+#[test]
+fn token_mint_makes_a_token_the_service_accepts() {
+    let out = credsync()
+        .args([
+            "token",
+            "mint",
+            "--sub",
+            "svc",
+            "--scope",
+            "status:read admin",
+            "--ttl",
+            "15m",
+        ])
+        .env("CREDSYNC_JWT_HS256_SECRET", crate::helpers::JWT_SECRET)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap();
+    let verifier = credsync::auth::Verifier::new(&credsync::config::JwtSettings {
+        hs256_secret: Some(secrecy::SecretString::from(crate::helpers::JWT_SECRET)),
+        public_keys_file: None,
+        issuer: None,
+        audience: "credsync".into(),
+        leeway_secs: 0,
+    })
+    .unwrap();
+    let caller = verifier.verify(token.trim()).unwrap();
+    assert_eq!(caller.sub, "svc");
+    let out = credsync()
+        .args(["token", "mint", "--sub", "svc", "--scope", "admin"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "no secret configured");
+}

@@ -1,0 +1,155 @@
+//! Health, readiness, metrics, the OpenAPI document, and credsync's own Leaf token handling.
+use serde_json::{Value, json};
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn health_readiness_metrics_and_openapi_answer_without_a_token() {
+    let app = spawn_app().await;
+    let r = app
+        .client
+        .get(format!("{}/healthz", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .client
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["database"], "ok");
+    assert_eq!(v["migrations"], "applied");
+    app.create(Uuid::new_v4(), &body("c", "metrics00000")).await;
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "credsync_http_requests_total",
+        "credsync_http_request_duration_seconds",
+        "credsync_leaf_requests_total",
+        "credsync_leaf_request_duration_seconds",
+        "credsync_credentials",
+        "credsync_outbox_pending",
+        "credsync_sync_lag_seconds",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    assert!(
+        text.contains(r#"route="/services/usermanagement/api/users/{leafUserId}/{segment}""#),
+        "routes are labelled by pattern"
+    );
+    let r = app
+        .client
+        .get(format!("{}/openapi.yaml", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let doc = r.text().await.unwrap();
+    assert_eq!(
+        doc,
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn readiness_is_503_when_postgres_is_unreachable() {
+    // Started without migrations (`serve --no-migrate`) while Postgres is down: it stays up.
+    let app = spawn_app_with(AppOptions {
+        db_url: Some("postgres://postgres@127.0.0.1:1/none".into()),
+        run: credsync::app::RunOptions {
+            http: true,
+            sync: false,
+            migrate: false,
+        },
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .client
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let r = app.get(Uuid::new_v4(), ALL_SCOPES).await;
+    assert!(r.headers().get("retry-after").is_some());
+    assert_problem(r, 503, "database-unavailable").await;
+}
+
+#[tokio::test]
+async fn credsync_renews_its_leaf_token_before_expiry_and_after_a_revocation() {
+    let mut opts = AppOptions::default();
+    opts.sim.token_ttl = Duration::from_secs(3);
+    let app = spawn_app_with(opts).await;
+    let user = Uuid::new_v4();
+    assert_eq!(
+        app.create(user, &body("c", "renewal00000")).await.status(),
+        201
+    );
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(app.get(user, "credentials:read").await.status(), 200);
+    let auths = app
+        .sim_requests()
+        .await
+        .iter()
+        .filter(|(_, p)| p == "/api/authenticate")
+        .count();
+    assert_eq!(auths, 2, "renewed ahead of expiry");
+    let r = app.sim_post("/__sim/tokens/revoke", json!({})).await;
+    assert_eq!(r.status(), 204);
+    let r = app.get(user, "credentials:read").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-credsync-source"],
+        "leaf",
+        "re-authenticated and retried once"
+    );
+    let auths = app
+        .sim_requests()
+        .await
+        .iter()
+        .filter(|(_, p)| p == "/api/authenticate")
+        .count();
+    assert_eq!(auths, 3);
+}
+
+#[tokio::test]
+async fn leaf_refusing_credsyncs_own_credentials_is_never_the_callers_401() {
+    let app = spawn_app_with(AppOptions::default().env("LEAF_PASSWORD", "wrong-password")).await;
+    let user = Uuid::new_v4();
+    let p = assert_problem(
+        app.get(user, "credentials:read").await,
+        502,
+        "upstream-auth",
+    )
+    .await;
+    assert_eq!(p["detail"], "Leaf rejected credsync's credentials");
+    let r = app.create(user, &body("c", "authrej00000")).await;
+    assert_eq!(r.status(), 202, "writes are queued");
+    let r = app.get(user, "credentials:read").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credsync-source"], "cache");
+    let v: Value = app
+        .client
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["leaf"]["authenticated"], false);
+}

@@ -1,0 +1,455 @@
+//! The sync worker, the outbox drain, on-demand runs and discovery (SPEC §8, §6 /v1/sync).
+use std::collections::HashMap;
+use std::time::Duration;
+
+use credsync::app::RunOptions;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+fn with_worker(interval_secs: u64) -> AppOptions {
+    AppOptions {
+        run: RunOptions {
+            http: true,
+            sync: true,
+            migrate: true,
+        },
+        ..Default::default()
+    }
+    .env("CREDSYNC_SYNC_INTERVAL_SECS", interval_secs.to_string())
+}
+
+async fn state_of(app: &TestApp, user: Uuid) -> Option<String> {
+    sqlx::query_scalar("select sync_state from credential where leaf_user_id = $1")
+        .bind(user)
+        .fetch_optional(&app.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_status_flip_at_leaf_reaches_the_cache_and_the_history_after_a_sync() {
+    let app = spawn_app_with(with_worker(1)).await;
+    let user = Uuid::new_v4();
+    assert_eq!(
+        app.create(user, &body("cid", "syncflip0000"))
+            .await
+            .status(),
+        201
+    );
+    app.sim_put(
+        &format!("/__sim/users/{user}/climate-field-view-credentials/status"),
+        json!({"status": "MISSING_PERMISSION"}),
+    )
+    .await;
+    wait_until(
+        "the worker to see the new status",
+        Duration::from_secs(20),
+        || async {
+            sqlx::query_scalar::<_, Option<String>>(
+                "select status from credential where leaf_user_id = $1",
+            )
+            .bind(user)
+            .fetch_one(&app.db)
+            .await
+            .unwrap()
+            .as_deref()
+                == Some("MISSING_PERMISSION")
+        },
+    )
+    .await;
+    let n = app.count("select count(*) from status_history where from_status = 'OK' and to_status = 'MISSING_PERMISSION' and source = 'sync'").await;
+    assert_eq!(n, 1);
+    // Events were fetched too.
+    assert!(app.count("select count(*) from event").await >= 1);
+}
+
+#[tokio::test]
+async fn writes_queued_while_leaf_was_down_are_delivered_when_it_returns() {
+    let app = spawn_app_with(with_worker(60)).await;
+    let created = Uuid::new_v4();
+    let doomed = Uuid::new_v4();
+    assert_eq!(
+        app.create(doomed, &body("cid", "doomed000000"))
+            .await
+            .status(),
+        201
+    );
+    app.fault(json!({"fixedStatus": 503})).await;
+    assert_eq!(
+        app.create(created, &body("queued-client", "outbox000000"))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(app.delete(doomed, ALL_SCOPES).await.status(), 202);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    app.clear_faults().await;
+    wait_until(
+        "the queued create to be delivered",
+        Duration::from_secs(30),
+        || async { state_of(&app, created).await.as_deref() == Some("SYNCED") },
+    )
+    .await;
+    wait_until(
+        "the queued delete to be delivered",
+        Duration::from_secs(30),
+        || async { state_of(&app, doomed).await.is_none() },
+    )
+    .await;
+    let leaf = app
+        .leaf_state(created)
+        .await
+        .expect("Leaf has the queued credential");
+    assert_eq!(leaf["clientSecret"], "client-secret-outbox000000");
+    assert!(app.leaf_state(doomed).await.is_none());
+    assert_eq!(app.count("select count(*) from outbox").await, 0);
+    // Exactly one successful create reached Leaf for the queued user.
+    let v: Value = app
+        .client
+        .get(format!("{}/__sim/requests", app.sim_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ok_posts = v["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["method"] == "POST"
+                && r["path"].as_str().unwrap().contains(&created.to_string())
+                && r["status"] == 201
+        })
+        .count();
+    assert_eq!(ok_posts, 1);
+    let r = app.get(created, "credentials:read").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["syncState"], "SYNCED");
+}
+
+#[tokio::test]
+async fn a_queued_create_that_leaf_rejects_ends_rejected_and_a_new_post_is_allowed() {
+    let app = spawn_app_with(with_worker(60)).await;
+    let user = Uuid::new_v4();
+    app.fault(json!({"fixedStatus": 503})).await;
+    let b = json!({"clientId": "c", "clientSecret": "cs-rejected00", "apiKey": "ak-rejected00", "refreshToken": "invalid-refresh-0000"});
+    assert_eq!(app.create(user, &b).await.status(), 202);
+    app.clear_faults().await;
+    wait_until("the rejection", Duration::from_secs(30), || async {
+        state_of(&app, user).await.as_deref() == Some("REJECTED")
+    })
+    .await;
+    assert_eq!(
+        app.count(
+            "select count(*) from credential where secrets is null and rejection_status = 400"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        app.count(
+            "select count(*) from audit where action = 'credential.rejected' and actor = 'credsync'"
+        )
+        .await,
+        1
+    );
+    let p = assert_problem(app.get(user, "credentials:read").await, 404, "not-found").await;
+    assert!(p["detail"].as_str().unwrap().contains("rejected"));
+    assert!(!app.dump_all_tables().await.contains("invalid-refresh-0000"));
+    assert_eq!(
+        app.create(user, &body("c2", "second000000")).await.status(),
+        201
+    );
+}
+
+#[tokio::test]
+async fn an_on_demand_run_syncs_the_named_users_and_refuses_untracked_ones() {
+    let app = spawn_app().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    app.create(a, &body("a", "runaaaa00000")).await;
+    app.create(b, &body("b", "runbbbb00000")).await;
+    let post = |body: Value, scope: &str| {
+        app.client
+            .post(format!("{}/v1/sync", app.address))
+            .bearer_auth(token(scope))
+            .json(&body)
+            .send()
+    };
+    let stranger = Uuid::new_v4();
+    let p = assert_problem(
+        post(json!({"leafUserIds": [a, stranger]}), "admin")
+            .await
+            .unwrap(),
+        400,
+        "validation",
+    )
+    .await;
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&stranger.to_string())
+    );
+    assert_eq!(post(json!({}), "status:read").await.unwrap().status(), 403);
+    app.sim_put(
+        &format!("/__sim/users/{a}/climate-field-view-credentials/status"),
+        json!({"status": "UNAUTHENTICATED"}),
+    )
+    .await;
+    let r = post(json!({"leafUserIds": [a]}), "admin").await.unwrap();
+    assert_eq!(r.status(), 202);
+    let run_id = r.json::<Value>().await.unwrap()["runId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = app
+            .get_path(&format!("/v1/sync/runs/{run_id}"), "admin")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if last["state"] == "DONE" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last["state"], "DONE", "{last}");
+    assert_eq!(last["usersTotal"], 1);
+    assert_eq!(last["usersDone"], 1);
+    assert_eq!(last["usersFailed"], 0);
+    assert!(last["finishedAt"].is_string());
+    let s: Option<String> =
+        sqlx::query_scalar("select status from credential where leaf_user_id = $1")
+            .bind(a)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(s.as_deref(), Some("UNAUTHENTICATED"));
+    // All tracked users, with Leaf down: the run is DONE and counts the failures.
+    app.fault(json!({"fixedStatus": 500})).await;
+    let r = post(json!({}), "admin").await.unwrap();
+    let run_id = r.json::<Value>().await.unwrap()["runId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..100 {
+        last = app
+            .get_path(&format!("/v1/sync/runs/{run_id}"), "admin")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if last["state"] == "DONE" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last["usersTotal"], 2);
+    assert_eq!(last["usersDone"], 2);
+    assert_eq!(last["usersFailed"], 2);
+    assert_eq!(
+        app.get_path(&format!("/v1/sync/runs/{}", Uuid::new_v4()), "admin")
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        app.count(
+            "select count(*) from audit where action = 'sync.trigger' and leaf_user_id is null"
+        )
+        .await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn two_workers_on_one_database_sync_each_user_once_per_interval() {
+    let first = spawn_app_with(with_worker(4).env("CREDSYNC_SYNC_CONCURRENCY", "2")).await;
+    let users: Vec<Uuid> = (0..12).map(|_| Uuid::new_v4()).collect();
+    for u in &users {
+        assert_eq!(
+            first.create(*u, &body("c", "twoworkers00")).await.status(),
+            201
+        );
+    }
+    let second = spawn_app_with(
+        AppOptions {
+            db_url: Some(first.db_url.clone()),
+            ..with_worker(4)
+        }
+        .env("LEAF_API_URL", first.sim_url.clone())
+        .env("CREDSYNC_SYNC_CONCURRENCY", "2"),
+    )
+    .await;
+    first.clear_sim_requests().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let reqs = first.sim_requests().await;
+    let mut per_user: HashMap<String, usize> = HashMap::new();
+    for (m, p) in &reqs {
+        if m == "GET" && p.ends_with("climate-field-view-credentials") {
+            *per_user.entry(p.clone()).or_default() += 1;
+        }
+    }
+    // 10 s at a 4 s interval: every user two or three times, never more.
+    assert_eq!(per_user.len(), users.len(), "{per_user:?}");
+    for (p, n) in &per_user {
+        assert!((2..=3).contains(n), "{p} fetched {n} times");
+    }
+    // Both replicas did part of the work (the request id names the worker that sent it).
+    let v: Value = first
+        .client
+        .get(format!("{}/__sim/requests", first.sim_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let workers: std::collections::HashSet<String> = v["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["requestId"].as_str())
+        .filter(|id| id.starts_with("sync."))
+        .map(|id| id.split('.').nth(1).unwrap().to_owned())
+        .collect();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    drop(second);
+}
+
+#[tokio::test]
+async fn discovery_adopts_credentials_created_directly_at_leaf() {
+    let app = spawn_app().await;
+    let direct: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for u in &direct {
+        let r = app
+            .sim_post(
+                "/__sim/credentials",
+                json!({"leafUserId": u, "fields": {"clientId": "d"}}),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    let syncer = credsync::sync::Syncer::new(
+        credsync::app::Application::build_gateway(
+            &credsync::config::Settings::from_source(&credsync::config::Source::from_pairs(
+                base_env(&app.db_url, &app.sim_url),
+            ))
+            .unwrap(),
+            false,
+        )
+        .await
+        .unwrap(),
+        credsync::config::Settings::from_source(&credsync::config::Source::from_pairs(base_env(
+            &app.db_url,
+            &app.sim_url,
+        )))
+        .unwrap()
+        .sync,
+    );
+    let (seen, adopted) = syncer
+        .discover(&credsync::domain::provider::CLIMATE_FIELD_VIEW, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!((seen, adopted), (3, 3));
+    assert_eq!(
+        app.count(
+            "select count(*) from credential where sync_state = 'SYNCED' and secrets is not null"
+        )
+        .await,
+        3
+    );
+    assert_eq!(
+        app.count(
+            "select count(*) from audit where action = 'credential.adopted' and actor = 'credsync'"
+        )
+        .await,
+        3
+    );
+    // A second pass adopts nothing new.
+    let (_, again) = syncer
+        .discover(&credsync::domain::provider::CLIMATE_FIELD_VIEW, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+}
+
+#[tokio::test]
+async fn events_older_than_leafs_30_days_stay_queryable() {
+    let app = spawn_app_with(with_worker(1)).await;
+    let user = Uuid::new_v4();
+    app.create(user, &body("cid", "oldevents000")).await;
+    let old = time::OffsetDateTime::now_utc() - time::Duration::days(45);
+    let old = credsync::timefmt::format(old);
+    app.sim_post(
+        &format!("/__sim/users/{user}/climate-field-view-credentials/events"),
+        json!({"events": [{"id": "ancient-1", "createdDate": old, "statusCode": 401}]}),
+    )
+    .await;
+    wait_until(
+        "the old event to be cached",
+        Duration::from_secs(20),
+        || async {
+            app.count("select count(*) from event where id = 'ancient-1'")
+                .await
+                == 1
+        },
+    )
+    .await;
+    let path = format!(
+        "/services/usermanagement/api/users/{user}/climate-field-view-credentials/events?source=cache&size=100"
+    );
+    let list: Vec<Value> = app
+        .get_path(&path, "status:read")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(list.iter().any(|e| e["id"] == "ancient-1"));
+}
+
+#[tokio::test]
+async fn a_dead_replicas_leases_are_taken_over_after_they_expire() {
+    let app = spawn_app_with(with_worker(3600).env("CREDSYNC_SYNC_LEASE_SECS", "2")).await;
+    let user = Uuid::new_v4();
+    app.create(user, &body("cid", "takeover0000")).await;
+    // A replica claimed the credential and died holding the lease.
+    sqlx::query("update credential set next_sync_at = now(), lease_owner = 'dead-replica', lease_until = now() + interval '2 seconds'")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    app.sim_put(
+        &format!("/__sim/users/{user}/climate-field-view-credentials/status"),
+        json!({"status": "TEMPORARILY_UNAVAILABLE"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let status: Option<String> = sqlx::query_scalar("select status from credential")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        status.as_deref(),
+        Some("OK"),
+        "not taken while the lease holds"
+    );
+    wait_until(
+        "the live worker to take the expired lease",
+        Duration::from_secs(15),
+        || async {
+            sqlx::query_scalar::<_, Option<String>>("select status from credential")
+                .fetch_one(&app.db)
+                .await
+                .unwrap()
+                .as_deref()
+                == Some("TEMPORARILY_UNAVAILABLE")
+        },
+    )
+    .await;
+}
