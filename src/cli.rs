@@ -212,7 +212,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             crate::telemetry::init(config::log_format(&source)?);
-            let settings = Settings::from_source(&source)?;
+            let settings = if args.sync_only {
+                Settings::for_worker(&source)?
+            } else {
+                Settings::from_source(&source)?
+            };
             let opts = RunOptions {
                 http: !args.sync_only,
                 sync: !args.no_sync,
@@ -232,7 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sync(args) => {
             crate::telemetry::init(config::log_format(&source)?);
-            let settings = Settings::from_source(&source)?;
+            let settings = Settings::for_worker(&source)?;
             let mut users = Vec::new();
             for u in &args.users {
                 users.push(

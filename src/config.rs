@@ -192,10 +192,19 @@ pub struct Settings {
 
 impl Settings {
     pub fn from_source(src: &Source) -> Result<Settings, ConfigError> {
+        Self::load(src, true)
+    }
+
+    /// Settings for commands that serve no callers (`sync --once`): no JWT setting needed.
+    pub fn for_worker(src: &Source) -> Result<Settings, ConfigError> {
+        Self::load(src, false)
+    }
+
+    fn load(src: &Source, callers: bool) -> Result<Settings, ConfigError> {
         let database_url = database_url(src)?;
         let keyring = Arc::new(keyring(src)?);
         let jwt = jwt_settings(src)?;
-        if jwt.hs256_secret.is_none() && jwt.public_keys_file.is_none() {
+        if callers && jwt.hs256_secret.is_none() && jwt.public_keys_file.is_none() {
             return Err(ConfigError::new(
                 "CREDSYNC_JWT_HS256_SECRET",
                 "set it or CREDSYNC_JWT_PUBLIC_KEYS_FILE: callers cannot be authenticated otherwise",

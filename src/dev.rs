@@ -6,11 +6,68 @@
 //! lines, and cleaning all of it up on Ctrl-C. Never used in production.
 use std::net::TcpListener;
 
+use std::time::Duration;
+
 use secrecy::SecretString;
+use sqlx::Connection as _;
+use testcontainers_modules::postgres::Postgres;
+use testcontainers_modules::testcontainers::core::WaitFor;
+use testcontainers_modules::testcontainers::runners::AsyncRunner as _;
+use testcontainers_modules::testcontainers::{self, ContainerAsync, ImageExt as _};
 
 use crate::app::{Application, RunOptions};
 use crate::cli::shell_quote;
 use crate::config::{Settings, Source};
+
+/// The throwaway database, removed when dropped.
+#[allow(dead_code, reason = "held only for its Drop")]
+enum DevDb {
+    Local(crate::pgtemp::TempPostgres),
+    Container(Box<ContainerAsync<Postgres>>),
+}
+
+/// A Postgres container (`CREDSYNC_DEV_PG_IMAGE`, else the locally built
+/// `credsync-postgres:15-local` when present, else the official `postgres:15`).
+async fn container_postgres() -> anyhow::Result<(String, ContainerAsync<Postgres>)> {
+    let docker = testcontainers::core::client::docker_client_instance().await?;
+    tokio::time::timeout(Duration::from_secs(5), docker.ping())
+        .await
+        .map_err(|_| anyhow::anyhow!("Docker did not answer"))??;
+    let image = match std::env::var("CREDSYNC_DEV_PG_IMAGE")
+        .ok()
+        .filter(|s| !s.is_empty())
+    {
+        Some(i) => i,
+        None if docker
+            .inspect_image("credsync-postgres:15-local")
+            .await
+            .is_ok() =>
+        {
+            "credsync-postgres:15-local".into()
+        }
+        None => "postgres:15".into(),
+    };
+    let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
+    let container = Postgres::default()
+        .with_name(name)
+        .with_tag(tag)
+        .with_ready_conditions(vec![WaitFor::message_on_stderr(
+            "database system is ready to accept connections",
+        )])
+        .with_startup_timeout(Duration::from_secs(120))
+        .start()
+        .await?;
+    let port = container.get_host_port_ipv4(5432).await?;
+    let url = format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres");
+    // The first connection can race the server's restart after initdb.
+    for _ in 0..60 {
+        if sqlx::PgConnection::connect(&url).await.is_ok() {
+            return Ok((url, container));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("the Postgres container did not accept connections")
+}
 
 pub async fn run(mut source: Source) -> anyhow::Result<()> {
     let _pg = if source.get("DATABASE_URL").is_some_and(|v| !v.is_empty()) {
@@ -18,11 +75,25 @@ pub async fn run(mut source: Source) -> anyhow::Result<()> {
         None
     } else {
         eprintln!("dev: starting a throwaway Postgres from the local PostgreSQL binaries…");
-        let pg = crate::pgtemp::TempPostgres::start().await.map_err(|e| {
-            anyhow::anyhow!("{e:#}\nhint: install PostgreSQL (apt-get install postgresql) or set DATABASE_URL to a Postgres you own")
-        })?;
-        source.set("DATABASE_URL", pg.url());
-        Some(pg)
+        match crate::pgtemp::TempPostgres::start().await {
+            Ok(pg) => {
+                source.set("DATABASE_URL", pg.url());
+                Some(DevDb::Local(pg))
+            }
+            Err(local) => {
+                eprintln!(
+                    "dev: no local PostgreSQL ({local:#}); trying a testcontainers Postgres…"
+                );
+                let (url, container) = container_postgres().await.map_err(|docker| {
+                    anyhow::anyhow!(
+                        "no Postgres for dev: local binaries: {local:#}; Docker: {docker:#}\n\
+                         hint: install PostgreSQL (apt-get install postgresql), start Docker, or set DATABASE_URL"
+                    )
+                })?;
+                source.set("DATABASE_URL", url);
+                Some(DevDb::Container(Box::new(container)))
+            }
+        }
     };
     let sim = if source.get("LEAF_API_URL").is_some_and(|v| !v.is_empty()) {
         None
