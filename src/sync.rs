@@ -590,6 +590,9 @@ pub fn spawn(syncer: Syncer) -> WorkerHandle {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "event pruning failed"),
                 }
+                if let Err(e) = crate::store::gauges::check_key_usage(&syncer.gateway.db).await {
+                    tracing::warn!(error = %e, "key usage check failed");
+                }
                 if let Err(e) = crate::store::idempotency::prune(&syncer.gateway.db).await {
                     tracing::warn!(error = %e, "idempotency pruning failed");
                 }

@@ -32,5 +32,27 @@ pub async fn refresh(pool: &PgPool) -> Result<(), sqlx::Error> {
     .fetch_one(pool)
     .await?;
     metrics::gauge!("credsync_sync_lag_seconds").set(lag.unwrap_or(0.0).max(0.0));
+    check_key_usage(pool).await
+}
+
+/// AES-GCM with random 96-bit nonces must stay well below 2^32 encryptions per key.
+pub const KEY_ENCRYPTIONS_WARN: i64 = 1 << 30;
+
+/// Export encryptions per key (`credsync_key_encryptions{key_id}`) and warn about keys past
+/// 2^30 encryptions (a quarter of AES-GCM's random-nonce limit): time to rotate.
+pub async fn check_key_usage(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as("select key_id, encryptions from encryption_key")
+        .fetch_all(pool)
+        .await?;
+    for (key_id, n) in rows {
+        if n >= KEY_ENCRYPTIONS_WARN {
+            tracing::warn!(
+                key_id,
+                encryptions = n,
+                "this key has sealed over 2^30 data keys; generate a new key and rotate"
+            );
+        }
+        metrics::gauge!("credsync_key_encryptions", "key_id" => key_id).set(n as f64);
+    }
     Ok(())
 }
