@@ -329,6 +329,16 @@ async fn insert_history(
     Ok(())
 }
 
+/// Record that Leaf was just asked about a credential and had nothing new to say.
+pub async fn touch_checked(pool: &PgPool, user: Uuid, provider: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("update credential set checked_at = now() where leaf_user_id = $1 and provider = $2 and sync_state = 'SYNCED'")
+        .bind(user)
+        .bind(provider)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// Set a credential's status (alerts): returns whether it changed. Only SYNCED rows change.
 pub async fn set_status(
     pool: &PgPool,
