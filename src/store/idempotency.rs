@@ -52,7 +52,9 @@ pub async fn begin(
          on conflict (subject, path, key) do update set
              request_hash = excluded.request_hash, hash_key_id = excluded.hash_key_id, status = null,
              content_type = null, body = null, headers = null, created_at = now(), expires_at = excluded.expires_at
-         where idempotency.expires_at < now()",
+         where idempotency.expires_at < now()
+            -- a first request that never finished (its process died) does not block the key forever
+            or (idempotency.status is null and idempotency.created_at < now() - interval '2 minutes')",
     )
     .bind(subject)
     .bind(path)

@@ -428,3 +428,41 @@ async fn idempotency_key_replays_the_first_answer() {
         "no secret in the idempotency table"
     );
 }
+
+#[tokio::test]
+async fn a_key_still_running_is_409_and_one_whose_request_died_is_claimed_again() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    let path = format!("/services/usermanagement/api/users/{user}/climate-field-view-credentials");
+    // The same keyed hash of the same body that credsync computes (HMAC under a key derived from k1).
+    let keyring =
+        credsync::crypto::Keyring::parse(&format!("k1:{}", key_b64(1)), None, None).unwrap();
+    let (_, hash) =
+        keyring.keyed_hash(format!("idempotency|{}", body("cid", "running00000")).as_bytes());
+    for (key, age) in [("k-running", "0 seconds"), ("k-dead", "5 minutes")] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "insert into idempotency (subject, path, key, request_hash, hash_key_id, created_at, expires_at)
+             values ('test-caller', $1, $2, $3, 'k1', now() - interval '{age}', now() + interval '1 hour')"
+        )))
+        .bind(&path)
+        .bind(key)
+        .bind(&hash[..])
+        .execute(&app.db)
+        .await
+        .unwrap();
+    }
+    let send = |key: &'static str| {
+        app.client
+            .post(app.cred_url(user))
+            .bearer_auth(token(ALL_SCOPES))
+            .header("Idempotency-Key", key)
+            .json(&body("cid", "running00000"))
+            .send()
+    };
+    let r = send("k-running").await.unwrap();
+    assert!(r.headers().get("retry-after").is_some());
+    assert_problem(r, 409, "idempotency-in-progress").await;
+    assert!(app.sim_requests().await.is_empty());
+    let r = send("k-dead").await.unwrap();
+    assert_eq!(r.status(), 201);
+}
