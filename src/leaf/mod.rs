@@ -172,7 +172,9 @@ impl LeafClient {
             renewing: tokio::sync::Mutex::new(()),
             timeout: settings.timeout,
             limiter: RateLimiter::direct(Quota::per_second(rps).allow_burst(rps)),
-            breaker: Breaker::new(5, Duration::from_secs(5)),
+            // High enough that a burst of failing calls from callers does not open it by accident;
+            // a real outage (the worker alone makes hundreds of calls) opens it quickly.
+            breaker: Breaker::new(25, Duration::from_secs(5)),
             auth_health: AtomicU8::new(AuthHealth::Unknown as u8),
         })
     }

@@ -466,3 +466,25 @@ async fn a_key_still_running_is_409_and_one_whose_request_died_is_claimed_again(
     let r = send("k-dead").await.unwrap();
     assert_eq!(r.status(), 201);
 }
+
+#[tokio::test]
+async fn the_circuit_breaker_opens_after_repeated_failures_and_a_probe_closes_it() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    app.fault(json!({"fixedStatus": 500})).await;
+    for _ in 0..25 {
+        assert_eq!(app.get(user, "credentials:read").await.status(), 502);
+    }
+    app.clear_sim_requests().await;
+    let r = app.get(user, "credentials:read").await;
+    assert!(r.headers().get("retry-after").is_some());
+    assert_problem(r, 503, "upstream-unavailable").await;
+    assert!(
+        app.sim_requests().await.is_empty(),
+        "an open breaker makes no call"
+    );
+    app.clear_faults().await;
+    tokio::time::sleep(std::time::Duration::from_millis(5200)).await;
+    assert_problem(app.get(user, "credentials:read").await, 404, "not-found").await;
+    assert_problem(app.get(user, "credentials:read").await, 404, "not-found").await;
+}
