@@ -8,6 +8,7 @@ use anyhow::Context as _;
 
 use crate::auth::Verifier;
 use crate::config::Settings;
+use crate::crypto::Keyring;
 use crate::gateway::Gateway;
 use crate::http::{self, AppState};
 use crate::leaf::LeafClient;
@@ -42,6 +43,9 @@ pub struct Application {
     server: Option<Server>,
     state: Arc<AppState>,
     worker: Option<crate::sync::WorkerHandle>,
+    /// Set when the key check could not run at start-up (Postgres unreachable): it runs once
+    /// Postgres answers, and a refusal arrives here and stops the service (exit code 2).
+    key_failure: Option<tokio::sync::oneshot::Receiver<StartupError>>,
 }
 
 impl Application {
@@ -62,7 +66,19 @@ impl Application {
         listener: TcpListener,
     ) -> anyhow::Result<Application> {
         let verifier = Verifier::new(&settings.jwt).map_err(|e| StartupError(e.to_string()))?;
-        let gateway = Self::build_gateway(&settings, opts.migrate).await?;
+        let (gateway, keys) = Self::build_gateway_checked(&settings, opts.migrate).await?;
+        let key_failure = match keys {
+            KeyCheck::Passed => None,
+            KeyCheck::Deferred => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(deferred_key_check(
+                    gateway.db.clone(),
+                    gateway.keyring.clone(),
+                    tx,
+                ));
+                Some(rx)
+            }
+        };
         let syncer = crate::sync::Syncer::new(gateway.clone(), settings.sync.clone());
         let state = Arc::new(AppState {
             gateway,
@@ -87,23 +103,35 @@ impl Application {
             server,
             state,
             worker,
+            key_failure,
         })
     }
 
     /// The pool (migrated when `migrate`), the key check and the Leaf client.
     pub async fn build_gateway(settings: &Settings, migrate: bool) -> anyhow::Result<Gateway> {
+        Ok(Self::build_gateway_checked(settings, migrate).await?.0)
+    }
+
+    async fn build_gateway_checked(
+        settings: &Settings,
+        migrate: bool,
+    ) -> anyhow::Result<(Gateway, KeyCheck)> {
         let db = store::pool(&settings.database_url, settings.db_max_connections)?;
         if migrate {
             migrate_with_retry(&db).await?;
         }
-        check_keys(&db, settings).await?;
+        let keys = check_keys(&db, &settings.keyring).await?;
+        if keys == KeyCheck::Deferred {
+            tracing::warn!("database unreachable at start-up: the key check runs once it answers");
+        }
         let leaf = Arc::new(LeafClient::new(&settings.leaf)?);
-        Ok(Gateway {
+        let gateway = Gateway {
             db,
             keyring: settings.keyring.clone(),
             leaf,
             outbox_grace: settings.leaf.timeout + Duration::from_secs(30),
-        })
+        };
+        Ok((gateway, keys))
     }
 
     pub fn port(&self) -> u16 {
@@ -120,23 +148,57 @@ impl Application {
     }
 
     /// Run until the server stops (SIGTERM / Ctrl-C drain in-flight requests), then stop the
-    /// worker, which releases its leases.
+    /// worker, which releases its leases. A key check deferred at start-up that refuses the
+    /// configured keys stops the service the same way and is returned as a [`StartupError`].
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        match self.server {
-            Some(server) => server.await?,
+        let Application {
+            server,
+            worker,
+            key_failure,
+            ..
+        } = self;
+        let key_failure = async move {
+            match key_failure {
+                Some(rx) => match rx.await {
+                    Ok(refused) => refused,
+                    // The check passed (or was abandoned): nothing will arrive.
+                    Err(_) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(key_failure);
+        let mut refused = None;
+        match server {
+            Some(server) => {
+                let handle = server.handle();
+                tokio::pin!(server);
+                tokio::select! {
+                    r = &mut server => r?,
+                    e = &mut key_failure => {
+                        refused = Some(e);
+                        let (r, ()) = tokio::join!(server, handle.stop(true));
+                        r?;
+                    }
+                }
+            }
             None => {
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 tokio::select! {
                     r = tokio::signal::ctrl_c() => r?,
                     _ = term.recv() => {}
+                    e = &mut key_failure => refused = Some(e),
                 }
             }
         }
-        if let Some(worker) = self.worker {
+        if let Some(worker) = worker {
             worker.stop().await;
         }
-        Ok(())
+        match refused {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -160,24 +222,23 @@ async fn migrate_with_retry(db: &sqlx::PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the key check ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyCheck {
+    Passed,
+    /// Postgres did not answer: the check is still to be done.
+    Deferred,
+}
+
 /// Every key id referenced by stored data must be configured, with the same key material.
-async fn check_keys(db: &sqlx::PgPool, settings: &Settings) -> anyhow::Result<()> {
-    let keys: Vec<(String, [u8; 16])> = settings
-        .keyring
+async fn check_keys(db: &sqlx::PgPool, keyring: &Keyring) -> anyhow::Result<KeyCheck> {
+    let keys: Vec<(String, [u8; 16])> = keyring
         .key_ids()
-        .filter_map(|id| {
-            settings
-                .keyring
-                .fingerprint(id)
-                .map(|fp| (id.to_owned(), fp))
-        })
+        .filter_map(|id| keyring.fingerprint(id).map(|fp| (id.to_owned(), fp)))
         .collect();
     let (missing, mismatched) = match store::credentials::register_keys(db, &keys).await {
         Ok(r) => r,
-        Err(e) if store::is_unavailable(&e) => {
-            tracing::warn!("database unreachable at start-up: key check deferred");
-            return Ok(());
-        }
+        Err(e) if store::is_unavailable(&e) => return Ok(KeyCheck::Deferred),
         Err(e) => return Err(e.into()),
     };
     if !mismatched.is_empty() {
@@ -194,5 +255,35 @@ async fn check_keys(db: &sqlx::PgPool, settings: &Settings) -> anyhow::Result<()
         ))
         .into());
     }
-    Ok(())
+    Ok(KeyCheck::Passed)
+}
+
+/// The key check of a start-up that found Postgres unreachable: retried until Postgres answers.
+/// A refusal is sent to `refused` (which stops the service); other errors (e.g. migrations not
+/// applied yet) are logged and retried. Ends when the application is gone.
+async fn deferred_key_check(
+    db: sqlx::PgPool,
+    keyring: Arc<Keyring>,
+    refused: tokio::sync::oneshot::Sender<StartupError>,
+) {
+    let mut delay = Duration::from_millis(250);
+    while !refused.is_closed() {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+        match check_keys(&db, &keyring).await {
+            Ok(KeyCheck::Passed) => {
+                tracing::info!("database reachable: the configured encryption keys match");
+                return;
+            }
+            Ok(KeyCheck::Deferred) => {}
+            Err(e) => match e.downcast::<StartupError>() {
+                Ok(e) => {
+                    tracing::error!(error = %e, "stored data does not match the configured encryption keys; stopping");
+                    let _ = refused.send(e);
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "the key check failed; retrying"),
+            },
+        }
+    }
 }

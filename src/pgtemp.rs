@@ -43,13 +43,20 @@ const START_ATTEMPTS: usize = 3;
 /// seconds and removes DIR. The foreground waits for the server, so the shell's exit tells our
 /// process that the server is gone. Background jobs of a non-interactive shell get `/dev/null`
 /// as stdin, hence the pipe is kept on fd 3.
+///
+/// [`TempPostgres::stop`] writes the line `keep` into the pipe before closing it: the server is
+/// stopped the same way but DIR is kept (for [`TempPostgres::restart`]), and the foreground then
+/// also waits for the background job, so that the shell's exit means the stop is complete. A
+/// bare end-of-file (our process dropped the pipe or died) removes DIR as before.
 const WATCHDOG: &str = r#"
 dir=$1; log=$2; shift 2
 exec 3<&0
 "$@" </dev/null >>"$log" 2>&1 3<&- &
 pg=$!
 {
-  cat <&3 >/dev/null
+  cmd=
+  read -r cmd <&3 || :
+  if [ "$cmd" = keep ]; then : >"$dir/keep"; fi
   kill -INT "$pg" 2>/dev/null
   if read -r pm <"$dir/data/postmaster.pid" 2>/dev/null && [ "$pm" != "$pg" ]; then
     kill -INT "$pm" 2>/dev/null
@@ -57,15 +64,26 @@ pg=$!
   i=0
   while kill -0 "$pg" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
   kill -KILL "$pg" 2>/dev/null
-  rm -rf "$dir"
+  if [ "$cmd" != keep ]; then rm -rf "$dir"; fi
 } &
+guard=$!
 exec 3<&-
 wait "$pg"
+status=$?
+if [ -e "$dir/keep" ]; then
+  wait "$guard"
+  rm -f "$dir/keep"
+fi
+exit "$status"
 "#;
 
 /// A PostgreSQL server in its own temporary directory, reachable at [`TempPostgres::url`] as the
 /// superuser `postgres` without a password. Dropping it stops the server and removes the
 /// directory; if the owning process dies instead, the watchdog does the same.
+///
+/// [`TempPostgres::stop`] and [`TempPostgres::restart`] take the server down and bring it back
+/// on the same port with the same data (for outage tests). While it is stopped no server runs;
+/// the directory is removed on [`Drop`] (but not if the owning process dies in that window).
 #[derive(Debug)]
 pub struct TempPostgres {
     url: String,
@@ -114,6 +132,53 @@ impl TempPostgres {
     /// The directory of the PostgreSQL binaries in use.
     pub fn bin_dir(&self) -> &Path {
         &self.bin_dir
+    }
+
+    /// Whether the server is running (not stopped with [`TempPostgres::stop`], not exited).
+    pub fn is_running(&mut self) -> bool {
+        self.lifeline.is_some() && matches!(self.watchdog.try_wait(), Ok(None))
+    }
+
+    /// Stops the server (fast shutdown: open connections are terminated) and waits until it is
+    /// gone, keeping the data directory and the port for [`TempPostgres::restart`]. Does nothing
+    /// when it is already stopped.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut lifeline) = self.lifeline.take() else {
+            return Ok(());
+        };
+        // `keep` tells the watchdog to stop the server without removing the directory; if the
+        // write fails the watchdog is gone already, and so is the server.
+        let _ = std::io::Write::write_all(&mut lifeline, b"keep\n");
+        drop(lifeline);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match self.watchdog.try_wait() {
+                Ok(Some(_)) => return Ok(()),
+                Err(e) => return Err(e).context("waiting for the PostgreSQL watchdog"),
+                Ok(None) if Instant::now() >= deadline => {
+                    bail!("PostgreSQL did not stop within {STOP_TIMEOUT:?}");
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Starts the server again after [`TempPostgres::stop`]: same data directory, same port,
+    /// under a new watchdog; waits until it accepts a connection. Does nothing when it runs.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        if self.lifeline.is_some() {
+            return Ok(());
+        }
+        let run_as = RunAs::detect()?;
+        let (watchdog, lifeline) = spawn_server(&self.bin_dir, &run_as, &self.dir, self.port)?;
+        self.watchdog = watchdog;
+        self.lifeline = lifeline;
+        match wait_ready(self).await {
+            Ok(()) => Ok(()),
+            Err(StartError::PortTaken(e) | StartError::Other(e)) => {
+                Err(e.context(format!("restarting PostgreSQL on port {}", self.port)))
+            }
+        }
     }
 }
 
@@ -340,7 +405,6 @@ async fn start_once(bin_dir: &Path, run_as: &RunAs) -> Result<TempPostgres, Star
     };
     let dir = dir_guard.dir.clone();
     let data = dir.join("data");
-    let log = dir.join("postgres.log");
 
     let mut initdb = run_as.command(&bin_dir.join("initdb"));
     initdb
@@ -373,12 +437,35 @@ async fn start_once(bin_dir: &Path, run_as: &RunAs) -> Result<TempPostgres, Star
     }
 
     let port = free_port()?;
+    let (watchdog, lifeline) = spawn_server(bin_dir, run_as, &dir, port)?;
+    // From here on the watchdog, and `TempPostgres`'s Drop, own the directory.
+    let mut pg = TempPostgres {
+        url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        port,
+        dir: dir_guard.keep(),
+        bin_dir: bin_dir.to_owned(),
+        watchdog,
+        lifeline,
+    };
+    wait_ready(&mut pg).await?;
+    Ok(pg)
+}
+
+/// Starts the server on `port` under the watchdog; returns the watchdog and our end of its pipe.
+fn spawn_server(
+    bin_dir: &Path,
+    run_as: &RunAs,
+    dir: &Path,
+    port: u16,
+) -> anyhow::Result<(Child, Option<ChildStdin>)> {
+    let data = dir.join("data");
+    let log = dir.join("postgres.log");
     let mut server = run_as.command(&bin_dir.join("postgres"));
     server
         .arg("-D")
         .arg(&data)
         .arg("-k")
-        .arg(&dir)
+        .arg(dir)
         .args(["-c", "listen_addresses=127.0.0.1", "-p"])
         .arg(port.to_string())
         .args([
@@ -396,13 +483,13 @@ async fn start_once(bin_dir: &Path, run_as: &RunAs) -> Result<TempPostgres, Star
         .arg("-c")
         .arg(WATCHDOG)
         .arg("credsync-pgtemp")
-        .arg(&dir)
+        .arg(dir)
         .arg(&log)
         .arg(server.get_program())
         .args(server.get_args())
         .env("LC_ALL", "C")
         .env_remove("PGDATA")
-        .current_dir(&dir)
+        .current_dir(dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -412,16 +499,12 @@ async fn start_once(bin_dir: &Path, run_as: &RunAs) -> Result<TempPostgres, Star
         .spawn()
         .context("starting sh for the PostgreSQL server")?;
     let lifeline = child.stdin.take();
-    // From here on the watchdog, and `TempPostgres`'s Drop, own the directory.
-    let mut pg = TempPostgres {
-        url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        port,
-        dir: dir_guard.keep(),
-        bin_dir: bin_dir.to_owned(),
-        watchdog: child,
-        lifeline,
-    };
+    Ok((child, lifeline))
+}
 
+/// Waits until the server accepts a connection, or reports why it exited or timed out.
+async fn wait_ready(pg: &mut TempPostgres) -> Result<(), StartError> {
+    let log = pg.dir.join("postgres.log");
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(Some(status)) = pg.watchdog.try_wait() {
@@ -438,7 +521,7 @@ async fn start_once(bin_dir: &Path, run_as: &RunAs) -> Result<TempPostgres, Star
         match sqlx::PgConnection::connect(&pg.url).await {
             Ok(conn) => {
                 let _ = conn.close().await;
-                return Ok(pg);
+                return Ok(());
             }
             Err(e) if Instant::now() >= deadline => {
                 return Err(anyhow!(

@@ -1,8 +1,12 @@
 //! `credsync keys rotate`: re-wrap every stored data key under the active key.
 //!
-//! Batched (keyset over the primary key), each batch one short transaction with `FOR UPDATE
-//! SKIP LOCKED`, so it is resumable after a crash and safe while `serve` runs. Rows whose key is
-//! not configured are counted and reported, never dropped.
+//! Batched (keyset over the primary key), each batch one short transaction that locks its rows
+//! with `FOR UPDATE`, so it is resumable after a crash and safe while `serve` runs: a row that a
+//! replica is writing at that moment is waited for, never skipped (skipping it would leave it
+//! under the old key while the rotation reports success). Rows written under another key while a
+//! pass runs (a replica still sealing with an older active key) are taken by a further pass over
+//! what is left. Rows that stay under another key (not configured, retired, or not openable) are
+//! counted and reported, never dropped.
 use secrecy::SecretString;
 use uuid::Uuid;
 
@@ -12,11 +16,16 @@ use crate::store::audit::{self, Entry, Outcome};
 /// (leaf_user_id, provider, key_id, wrapped_key, secrets)
 type SealedRow = (Uuid, String, String, Vec<u8>, Vec<u8>);
 
+/// Passes over the rows still under another key, after the first pass over everything.
+const MAX_PASSES: usize = 4;
+
 /// Rotation totals.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Totals {
     pub rewrapped: u64,
     pub already_active: u64,
+    /// Rows left under another key: could not be re-wrapped (in the final totals: every row
+    /// still not under the active key when the rotation ends).
     pub unreadable: u64,
 }
 
@@ -29,17 +38,59 @@ pub async fn rotate(
 ) -> anyhow::Result<Totals> {
     let active = keyring.active_id().to_owned();
     let mut totals = Totals::default();
+    for pass in 0..MAX_PASSES {
+        // The first pass sees every row (and counts those already under the active key); later
+        // passes only the rows still under another key.
+        let only_stale = pass > 0;
+        totals.unreadable = 0;
+        rewrap_pass(pool, keyring, batch, only_stale, &mut totals, &mut progress).await?;
+        if left_behind(pool, &active).await? <= totals.unreadable {
+            break;
+        }
+        tracing::info!(
+            pass = pass + 1,
+            "rows under an older key were written during the rotation; another pass"
+        );
+    }
+    totals.unreadable = left_behind(pool, &active).await?;
+    Ok(totals)
+}
+
+/// Rows whose data key is wrapped by another key than the active one.
+async fn left_behind(pool: &sqlx::PgPool, active: &str) -> anyhow::Result<u64> {
+    let n: i64 = sqlx::query_scalar(
+        "select count(*) from credential where key_id is not null and key_id <> $1",
+    )
+    .bind(active)
+    .fetch_one(pool)
+    .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// One keyset pass over the credentials (all, or only those under another key).
+async fn rewrap_pass(
+    pool: &sqlx::PgPool,
+    keyring: &Keyring,
+    batch: i64,
+    only_stale: bool,
+    totals: &mut Totals,
+    progress: &mut impl FnMut(&Totals),
+) -> anyhow::Result<()> {
+    let active = keyring.active_id().to_owned();
     let mut after: (Uuid, String) = (Uuid::nil(), String::new());
     loop {
         let mut tx = pool.begin().await?;
         let rows: Vec<SealedRow> = sqlx::query_as(
             "select leaf_user_id, provider, key_id, wrapped_key, secrets from credential
              where key_id is not null and (leaf_user_id, provider) > ($1, $2)
-             order by leaf_user_id, provider limit $3 for update skip locked",
+               and (not $4 or key_id <> $5)
+             order by leaf_user_id, provider limit $3 for update",
         )
         .bind(after.0)
         .bind(&after.1)
         .bind(batch)
+        .bind(only_stale)
+        .bind(&active)
         .fetch_all(&mut *tx)
         .await?;
         let Some(last) = rows.last() else { break };
@@ -85,9 +136,9 @@ pub async fn rotate(
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        progress(&totals);
+        progress(totals);
     }
-    Ok(totals)
+    Ok(())
 }
 
 /// The CLI command.
@@ -133,7 +184,9 @@ pub async fn run(url: &SecretString, keyring: &Keyring, batch: i64) -> anyhow::R
     println!("{detail}");
     anyhow::ensure!(
         totals.unreadable == 0,
-        "{} credential(s) are encrypted under keys that are not configured",
+        "{} credential(s) are still under another key than the active one (the key is not \
+         configured or retired, or a replica wrote with an older active key): see the log, \
+         fix and run again",
         totals.unreadable
     );
     Ok(())

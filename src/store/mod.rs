@@ -18,7 +18,15 @@ use sqlx::{ConnectOptions, PgPool};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Connections idle at least this long are pinged before they are handed out.
+const PING_IDLE_AFTER: Duration = Duration::from_millis(100);
+
 /// A pool that connects lazily, so the service starts (and answers 503) while Postgres is down.
+///
+/// After Postgres restarts, the idle connections the pool still holds were closed by the old
+/// server; handing one out would fail a request (503) although Postgres is back. So a connection
+/// that sat idle for [`PING_IDLE_AFTER`] (longer than any restart takes) is pinged first, and
+/// replaced by a new one when the ping fails; busy connections are reused without a round trip.
 pub fn pool(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
     let opts: PgConnectOptions = url
         .expose_secret()
@@ -32,6 +40,14 @@ pub fn pool(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> 
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(3))
         .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IDLE_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .idle_timeout(Duration::from_secs(300))
         .connect_lazy_with(opts))
 }

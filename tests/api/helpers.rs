@@ -159,6 +159,8 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         sim_url,
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
+            // The simulator drops idle connections after 5 s: never reuse one that old.
+            .pool_idle_timeout(Duration::from_secs(2))
             .build()
             .unwrap(),
         app: None,

@@ -9,6 +9,7 @@ mod harness;
 mod helpers;
 mod input;
 mod ops;
+mod resilience;
 mod secrets;
 mod sim;
 mod sync;
