@@ -51,8 +51,9 @@ pub enum ApiError {
     InsufficientScope(String),
     #[error("too many requests; retry after {0} s")]
     RateLimited(u64),
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    /// A known path with a method it does not serve; the `Allow` header lists these methods.
+    #[error("method not allowed; this route allows {0}")]
+    MethodNotAllowed(&'static str),
     /// Leaf refused the request with a status we pass on (400, 404, 409, 422).
     #[error("{detail}")]
     Upstream { status: u16, detail: String },
@@ -87,7 +88,7 @@ impl ApiError {
             ApiError::InvalidSignature(_) => "invalid-signature",
             ApiError::InsufficientScope(_) => "insufficient-scope",
             ApiError::RateLimited(_) => "rate-limited",
-            ApiError::MethodNotAllowed => "method-not-allowed",
+            ApiError::MethodNotAllowed(_) => "method-not-allowed",
             ApiError::Upstream { .. } => "upstream-rejected",
             ApiError::UpstreamBadGateway(_) => "upstream-error",
             ApiError::UpstreamAuth => "upstream-auth",
@@ -112,7 +113,7 @@ impl ApiError {
             ApiError::InvalidSignature(_) => "Invalid signature",
             ApiError::InsufficientScope(_) => "Insufficient scope",
             ApiError::RateLimited(_) => "Too many requests",
-            ApiError::MethodNotAllowed => "Method not allowed",
+            ApiError::MethodNotAllowed(_) => "Method not allowed",
             ApiError::Upstream { .. } => "Leaf refused the request",
             ApiError::UpstreamBadGateway(_) | ApiError::UpstreamAuth => "Bad gateway",
             ApiError::UpstreamTimeout => "Leaf timed out",
@@ -177,7 +178,7 @@ impl ResponseError for ApiError {
             }
             ApiError::InsufficientScope(_) => 403,
             ApiError::RateLimited(_) => 429,
-            ApiError::MethodNotAllowed => 405,
+            ApiError::MethodNotAllowed(_) => 405,
             ApiError::Upstream { status, .. } => *status,
             ApiError::UpstreamBadGateway(_) | ApiError::UpstreamAuth => 502,
             ApiError::UpstreamTimeout => 504,
@@ -227,6 +228,9 @@ impl ResponseError for ApiError {
             }
             ApiError::IdempotencyInProgress => {
                 builder.insert_header((header::RETRY_AFTER, "1"));
+            }
+            ApiError::MethodNotAllowed(allow) => {
+                builder.insert_header((header::ALLOW, *allow));
             }
             _ => {}
         }

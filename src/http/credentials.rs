@@ -21,22 +21,33 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(create))
             .route(web::get().to(get))
             .route(web::delete().to(delete))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(|path: web::Path<(String, String)>| {
+                method_not_allowed(path, "GET, POST, DELETE")
+            })),
     )
     .service(
         web::resource(format!("{BASE}/status"))
             .route(web::get().to(status))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(|path: web::Path<(String, String)>| {
+                method_not_allowed(path, "GET")
+            })),
     )
     .service(
         web::resource(format!("{BASE}/events"))
             .route(web::get().to(events))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(|path: web::Path<(String, String)>| {
+                method_not_allowed(path, "GET")
+            })),
     );
 }
 
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
+/// 405 with `Allow` on a provider's routes; 404 when the path names no provider.
+async fn method_not_allowed(
+    path: web::Path<(String, String)>,
+    allow: &'static str,
+) -> Result<HttpResponse, ApiError> {
+    provider(&path.1)?;
+    Err(ApiError::MethodNotAllowed(allow))
 }
 
 fn provider(segment: &str) -> Result<&'static Provider, ApiError> {
@@ -113,6 +124,7 @@ async fn create(
     let bytes = read_json_body(&req, payload, st.max_body_bytes).await?;
     let body = CreateBody::parse(provider, &bytes).map_err(ApiError::Validation)?;
     drop(bytes);
+    refuse_nul(provider, &body)?;
 
     let Some(key) = idempotency_key(&req)? else {
         return create_response(&st, &who, provider, user, &body)
@@ -185,6 +197,28 @@ async fn create(
                 }
             }
         }
+    }
+}
+
+/// 400 naming the first field that holds a NUL character: Postgres text and jsonb cannot
+/// store one, and no credential contains one.
+fn refuse_nul(provider: &Provider, body: &CreateBody) -> Result<(), ApiError> {
+    let has_nul = |name: &str| {
+        body.public
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|v| v.contains('\0'))
+            || body
+                .secrets
+                .get(name)
+                .is_some_and(|v| secrecy::ExposeSecret::expose_secret(v).contains('\0'))
+    };
+    match provider.create_fields.iter().find(|f| has_nul(f.name)) {
+        Some(field) => Err(ApiError::Validation(format!(
+            "field `{}` must not contain NUL characters",
+            field.name
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -367,24 +401,26 @@ async fn events(
     .await?;
     let user = user_id(&raw_user)?;
     let q: EventsQuery = parse_query(&req)?;
+    let digits = |v: &str| {
+        let v = v.trim();
+        (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).then(|| v.to_owned())
+    };
+    // `page` is an int32 as Leaf reads it; `size` is any integer from 1, clamped to 100.
     let page = match q.page.as_deref() {
         None => 0,
-        Some(p) => p
-            .trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|p| *p <= 1_000_000)
-            .ok_or_else(|| ApiError::Validation("page must be an integer from 0".into()))?,
+        Some(p) => digits(p)
+            .and_then(|p| p.parse::<i32>().ok())
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or_else(|| {
+                ApiError::Validation("page must be an integer from 0 to 2147483647".into())
+            })?,
     };
     let size = match q.size.as_deref() {
         None => 20,
-        Some(s) => s
-            .trim()
-            .parse::<i64>()
-            .ok()
+        Some(s) => digits(s)
+            .map(|s| s.parse::<u32>().map_or(100, |n| n.min(100)))
             .filter(|s| *s >= 1)
-            .ok_or_else(|| ApiError::Validation("size must be an integer of at least 1".into()))?
-            .min(100) as u32,
+            .ok_or_else(|| ApiError::Validation("size must be an integer of at least 1".into()))?,
     };
     let ascending = match q.sort.as_deref() {
         None | Some("createdDate,desc") | Some("createdDate") => false,

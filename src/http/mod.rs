@@ -120,6 +120,13 @@ async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
     Err(ApiError::NotFound("no such route".into()))
 }
 
+/// The default service of a known path: 405 with `Allow: <allow>` for every other method.
+pub(crate) fn method_not_allowed(allow: &'static str) -> actix_web::Route {
+    web::to(
+        move || async move { Err::<actix_web::HttpResponse, _>(ApiError::MethodNotAllowed(allow)) },
+    )
+}
+
 /// All routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     ops::routes(cfg);

@@ -8,10 +8,18 @@ use super::AppState;
 pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics))
-        .route("/openapi.yaml", web::get().to(openapi));
+    for (path, route) in [
+        ("/healthz", web::get().to(healthz)),
+        ("/readyz", web::get().to(readyz)),
+        ("/metrics", web::get().to(metrics)),
+        ("/openapi.yaml", web::get().to(openapi)),
+    ] {
+        cfg.service(
+            web::resource(path)
+                .route(route)
+                .default_service(super::method_not_allowed("GET")),
+        );
+    }
 }
 
 async fn healthz() -> HttpResponse {

@@ -13,8 +13,16 @@ use crate::store::audit::{self, Entry, Outcome};
 use crate::store::work;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/sync", web::post().to(trigger))
-        .route("/v1/sync/runs/{runId}", web::get().to(run));
+    cfg.service(
+        web::resource("/v1/sync")
+            .route(web::post().to(trigger))
+            .default_service(super::method_not_allowed("POST")),
+    )
+    .service(
+        web::resource("/v1/sync/runs/{runId}")
+            .route(web::get().to(run))
+            .default_service(super::method_not_allowed("GET")),
+    );
 }
 
 #[derive(Deserialize)]
@@ -38,11 +46,17 @@ async fn trigger(
         if !super::extract::is_json(&req) {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let body: SyncRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        let shape = |e: &dyn std::fmt::Display| {
             ApiError::Validation(format!(
                 "the body must be {{\"leafUserIds\": [UUID, ...]}} ({e})"
             ))
-        })?;
+        };
+        // A JSON object only: serde would also read a struct from an array (`[]`, `[[…]]`).
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| shape(&e))?;
+        if !value.is_object() {
+            return Err(shape(&"not a JSON object"));
+        }
+        let body: SyncRequest = serde_json::from_value(value).map_err(|e| shape(&e))?;
         body.leaf_user_ids.unwrap_or_default()
     };
     let mut users = Vec::with_capacity(ids.len());

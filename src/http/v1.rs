@@ -71,27 +71,27 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/v1/credentials")
             .route(web::get().to(list_credentials))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(super::method_not_allowed("GET")),
     )
     .service(
         web::resource("/v1/credentials/summary")
             .route(web::get().to(summary))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(super::method_not_allowed("GET")),
     )
     .service(
         web::resource("/v1/users/{leafUserId}/status-history")
             .route(web::get().to(status_history))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(super::method_not_allowed("GET")),
     )
     .service(
         web::resource("/v1/events")
             .route(web::get().to(list_events))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(super::method_not_allowed("GET")),
     )
     .service(
         web::resource("/v1/audit")
             .route(web::get().to(list_audit))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(super::method_not_allowed("GET")),
     )
     .service(
         web::resource("/v1/leaf/alerts")
@@ -100,15 +100,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
-}
-
 // ---------------------------------------------------------------------------------------------
 // query parameters, pages and cursors
 
 /// The query string as name/value pairs. Unknown names are ignored; a known one given twice,
-/// or given empty, is a 400 naming it.
+/// given empty, or holding a NUL character, is a 400 naming it.
 struct Params(Vec<(String, String)>);
 
 impl Params {
@@ -130,6 +126,10 @@ impl Params {
             Some(v) if v.is_empty() => {
                 Err(ApiError::Validation(format!("{name}: must not be empty")))
             }
+            // Postgres text cannot hold NUL, so no stored value can match one.
+            Some(v) if v.contains('\0') => Err(ApiError::Validation(format!(
+                "{name}: must not contain NUL characters"
+            ))),
             Some(v) => Ok(Some(v.as_str())),
             None => Ok(None),
         }
@@ -596,7 +596,7 @@ async fn alerts_other_method(st: web::Data<AppState>) -> Result<HttpResponse, Ap
     if st.webhook_secret.is_none() {
         return Err(webhook_disabled());
     }
-    Err(ApiError::MethodNotAllowed)
+    Err(ApiError::MethodNotAllowed("POST"))
 }
 
 /// Whether `header` is the standard base64 HMAC-SHA256 of `body` under `secret` (constant time).
@@ -716,4 +716,110 @@ async fn leaf_alert(
     tracing::info!(leaf_user_id = %row.leaf_user_id, provider = %row.provider, %status, changed,
         "Leaf alert received");
     Ok(no_content())
+}
+
+/// Property tests: the alerts webhook's signature check and body handling on hostile input.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SECRET: &str = "webhook-props-secret";
+
+    fn sign(body: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(hmac_sha256(SECRET.as_bytes(), body))
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,80}".prop_map(Value::from),
+            Just(Value::from("credentialsUnauthenticated")),
+            Just(Value::from("credentialsLimitedPermission")),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::from),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("type".to_owned()),
+                        Just("status".to_owned()),
+                        Just("credentialId".to_owned()),
+                        "[a-z]{0,6}",
+                    ],
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_signature_headers_never_panic_or_match(
+            body in prop::collection::vec(any::<u8>(), 0..300),
+            header in prop::collection::vec(any::<u8>(), 0..80),
+        ) {
+            prop_assert!(!signature_matches(SECRET, &body, &header) || header.trim_ascii() == sign(&body).as_bytes());
+        }
+
+        #[test]
+        fn the_right_signature_matches_and_any_change_does_not(
+            body in prop::collection::vec(any::<u8>(), 0..300),
+            flip in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+            pad in prop_oneof![Just(""), Just(" "), Just("\t"), Just(" \r\n")],
+        ) {
+            let good = sign(&body);
+            prop_assert!(signature_matches(SECRET, &body, good.as_bytes()));
+            // Surrounding whitespace is tolerated (header values are trimmed).
+            let padded = format!("{pad}{good}{pad}");
+            prop_assert!(signature_matches(SECRET, &body, padded.as_bytes()));
+            // Another body.
+            if !body.is_empty() {
+                let mut other = body.clone();
+                let i = flip.index(other.len());
+                other[i] ^= 1 << bit;
+                prop_assert!(!signature_matches(SECRET, &other, good.as_bytes()));
+            }
+            // Another secret, URL-safe alphabet, hex, a truncated or an empty signature.
+            let other_secret = base64::engine::general_purpose::STANDARD
+                .encode(hmac_sha256(b"another-secret", &body));
+            prop_assert!(!signature_matches(SECRET, &body, other_secret.as_bytes()));
+            let hex: String = hmac_sha256(SECRET.as_bytes(), &body).iter().map(|b| format!("{b:02x}")).collect();
+            prop_assert!(!signature_matches(SECRET, &body, hex.as_bytes()));
+            prop_assert!(!signature_matches(SECRET, &body, &good.as_bytes()[..good.len() - 4]));
+            prop_assert!(!signature_matches(SECRET, &body, b""));
+        }
+
+        #[test]
+        fn alert_status_is_bounded_printable_and_never_panics(v in arb_json()) {
+            if let Value::Object(alert) = &v
+                && let Some(status) = alert_status(alert)
+            {
+                prop_assert!(!status.is_empty() && status.len() <= 64);
+                prop_assert!(status.bytes().all(|b| b.is_ascii_graphic()), "{status:?}");
+                let explicit = alert.get("status").and_then(Value::as_str).map(str::trim);
+                let implied = alert.get("type").and_then(Value::as_str).and_then(status_for_type);
+                prop_assert!(Some(status.as_str()) == explicit || Some(status.as_str()) == implied);
+            }
+            // The handler's own first steps: parse, then the confirmation check.
+            let bytes = v.to_string().into_bytes();
+            let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
+            prop_assert!(parsed.is_some());
+        }
+
+        #[test]
+        fn arbitrary_body_bytes_parse_or_fail_cleanly(body in prop::collection::vec(any::<u8>(), 0..400)) {
+            if let Ok(Value::Object(alert)) = serde_json::from_slice::<Value>(&body) {
+                let _ = alert_status(&alert);
+            }
+            prop_assert!(signature_matches(SECRET, &body, sign(&body).as_bytes()));
+        }
+    }
 }
