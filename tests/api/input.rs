@@ -176,3 +176,50 @@ async fn a_callers_request_id_is_kept_and_sent_to_leaf_and_a_bad_one_replaced() 
     assert_ne!(rid, "bad id!");
     assert!(!rid.is_empty());
 }
+
+#[tokio::test]
+async fn nul_characters_wrong_methods_and_non_object_sync_bodies_are_client_errors() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    let r = app.create(user, &json!({"clientId": "a\u{0}b", "clientSecret": "s", "apiKey": "a", "refreshToken": "r"})).await;
+    let p = assert_problem(r, 400, "validation").await;
+    assert!(p["detail"].as_str().unwrap().contains("clientId"));
+    let r = app
+        .get_path("/v1/credentials?status=a%00b", ALL_SCOPES)
+        .await;
+    assert_problem(r, 400, "validation").await;
+    let r = app
+        .client
+        .post(format!("{}/healthz", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers()
+            .get("allow")
+            .is_some_and(|v| v.to_str().unwrap().contains("GET"))
+    );
+    assert_problem(r, 405, "method-not-allowed").await;
+    let r = app
+        .client
+        .put(app.cred_url(user))
+        .bearer_auth(token(ALL_SCOPES))
+        .send()
+        .await
+        .unwrap();
+    let allow = r.headers()["allow"].to_str().unwrap().to_owned();
+    assert!(
+        allow.contains("POST") && allow.contains("DELETE"),
+        "{allow}"
+    );
+    let r = app
+        .client
+        .post(format!("{}/v1/sync", app.address))
+        .bearer_auth(token("admin"))
+        .json(&json!([]))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400, "validation").await;
+    nothing_stored_nor_forwarded(&app).await;
+}
