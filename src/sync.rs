@@ -68,6 +68,8 @@ pub struct Syncer {
     pub settings: SyncSettings,
     pub owner: Arc<str>,
     permits: Arc<Semaphore>,
+    /// The worker's own ceiling: three quarters of the Leaf rate, so callers always keep a share.
+    pace: Arc<governor::DefaultDirectRateLimiter>,
 }
 
 /// Result of one user's sync.
@@ -81,12 +83,25 @@ pub enum UserOutcome {
 impl Syncer {
     pub fn new(gateway: Gateway, settings: SyncSettings) -> Syncer {
         let permits = Arc::new(Semaphore::new(settings.concurrency));
+        let rps = std::num::NonZeroU32::new(gateway.leaf.max_rps().saturating_mul(3) / 4)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let pace = Arc::new(governor::RateLimiter::direct(
+            governor::Quota::per_second(rps).allow_burst(rps),
+        ));
         Syncer {
             gateway,
             settings,
             owner: owner_id().into(),
             permits,
+            pace,
         }
+    }
+
+    /// A slot for one upstream call: within the concurrency bound and the worker's pace.
+    async fn slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let permit = self.permits.acquire().await.ok();
+        self.pace.until_ready().await;
+        permit
     }
 
     fn actor(&self) -> Actor<'static> {
@@ -101,7 +116,7 @@ impl Syncer {
         let gw = &self.gateway;
         let request_id = format!("sync.{}.{}", self.owner, Uuid::now_v7().simple());
         let answer = {
-            let _permit = self.permits.acquire().await;
+            let _permit = self.slot().await;
             gw.leaf.get_credential(provider, user, &request_id).await?
         };
         let local = creds::get(&gw.db, user, provider.name)
@@ -144,7 +159,7 @@ impl Syncer {
         let mut page = 0;
         loop {
             let got = {
-                let _permit = self.permits.acquire().await;
+                let _permit = self.slot().await;
                 gw.leaf
                     .events(provider, user, page, 100, false, &request_id)
                     .await?
@@ -276,7 +291,7 @@ impl Syncer {
             .and_then(|v| v.as_str())
             .map(str::to_owned);
         let result = {
-            let _permit = self.permits.acquire().await;
+            let _permit = self.slot().await;
             gw.leaf
                 .create_credential(provider, user, body, actor.request_id)
                 .await
@@ -379,7 +394,7 @@ impl Syncer {
     ) -> Result<(), LeafError> {
         let gw = &self.gateway;
         let result = {
-            let _permit = self.permits.acquire().await;
+            let _permit = self.slot().await;
             gw.leaf
                 .delete_credential(provider, user, actor.request_id)
                 .await

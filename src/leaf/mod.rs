@@ -136,6 +136,7 @@ pub struct LeafClient {
     renewing: tokio::sync::Mutex<()>,
     timeout: Duration,
     limiter: DefaultDirectRateLimiter,
+    max_rps: u32,
     breaker: Breaker,
     auth_health: AtomicU8,
 }
@@ -172,11 +173,17 @@ impl LeafClient {
             renewing: tokio::sync::Mutex::new(()),
             timeout: settings.timeout,
             limiter: RateLimiter::direct(Quota::per_second(rps).allow_burst(rps)),
+            max_rps: rps.get(),
             // High enough that a burst of failing calls from callers does not open it by accident;
             // a real outage (the worker alone makes hundreds of calls) opens it quickly.
             breaker: Breaker::new(25, Duration::from_secs(5)),
             auth_health: AtomicU8::new(AuthHealth::Unknown as u8),
         })
+    }
+
+    /// This process's share of `LEAF_MAX_RPS`.
+    pub fn max_rps(&self) -> u32 {
+        self.max_rps
     }
 
     pub fn base_url(&self) -> &str {
