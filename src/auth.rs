@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use base64::Engine as _;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
@@ -14,6 +15,9 @@ use serde::Deserialize;
 
 use crate::config::{ConfigError, JwtSettings};
 use crate::domain::Scopes;
+
+/// The largest clock skew accepted for `exp`/`nbf` (`CREDSYNC_JWT_LEEWAY_SECS`).
+pub const MAX_LEEWAY_SECS: u64 = 3600;
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -90,6 +94,14 @@ impl Verifier {
             }
             None => None,
         };
+        // jsonwebtoken computes `now - leeway` and `now + leeway` unchecked: a huge leeway
+        // would overflow (a panic per request in debug builds, every token expired in release).
+        if settings.leeway_secs > MAX_LEEWAY_SECS {
+            return Err(ConfigError::new(
+                "CREDSYNC_JWT_LEEWAY_SECS",
+                format!("must be at most {MAX_LEEWAY_SECS} seconds"),
+            ));
+        }
         let public = match &settings.public_keys_file {
             Some(path) => load_public_keys(path)?,
             None => Vec::new(),
@@ -195,7 +207,11 @@ impl Verifier {
             }
             _ => return Err("unsupported algorithm"),
         };
-        let sub = claims.sub.filter(|s| !s.is_empty()).ok_or("missing sub")?;
+        // The subject is stored (audit, idempotency): printable text of sane length only.
+        let sub = claims
+            .sub
+            .filter(|s| !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control))
+            .ok_or("missing or unusable sub")?;
         let mut scopes = Vec::new();
         for v in [&claims.scope, &claims.scp, &claims.scopes]
             .into_iter()
@@ -242,7 +258,7 @@ fn load_public_keys(path: &Path) -> Result<Vec<PublicKey>, ConfigError> {
         let set: JwkSet = serde_json::from_str(&text)
             .map_err(|_| ConfigError::new(NAME, "is not a valid JWKS document"))?;
         for jwk in &set.keys {
-            use jsonwebtoken::jwk::AlgorithmParameters;
+            use jsonwebtoken::jwk::{AlgorithmParameters, KeyAlgorithm, PublicKeyUse};
             let alg = match &jwk.algorithm {
                 AlgorithmParameters::RSA(_) => Algorithm::RS256,
                 AlgorithmParameters::EllipticCurve(p)
@@ -252,6 +268,20 @@ fn load_public_keys(path: &Path) -> Result<Vec<PublicKey>, ConfigError> {
                 }
                 _ => continue,
             };
+            // A key published for encryption, or for another algorithm than the one its type
+            // maps to here (e.g. an RSA key marked `RS512` or `RSA-OAEP`), never verifies.
+            if matches!(
+                jwk.common.public_key_use,
+                Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
+            ) {
+                continue;
+            }
+            match (jwk.common.key_algorithm, alg) {
+                (None, _)
+                | (Some(KeyAlgorithm::RS256), Algorithm::RS256)
+                | (Some(KeyAlgorithm::ES256), Algorithm::ES256) => {}
+                _ => continue,
+            }
             let key = DecodingKey::from_jwk(jwk)
                 .map_err(|_| ConfigError::new(NAME, "holds an unusable JWK"))?;
             keys.push(PublicKey {
@@ -266,6 +296,14 @@ fn load_public_keys(path: &Path) -> Result<Vec<PublicKey>, ConfigError> {
             if !seen.insert(block.clone()) {
                 continue;
             }
+            // jsonwebtoken takes an RSA private key as a "public" one (every token would then
+            // fail at run time): refuse it here, and keep private keys out of this file.
+            if block.lines().next().is_some_and(|l| l.contains("PRIVATE")) {
+                return Err(ConfigError::new(
+                    NAME,
+                    "holds a private key: give only public keys (`openssl pkey -pubout`)",
+                ));
+            }
             if let Ok(key) = DecodingKey::from_rsa_pem(block.as_bytes()) {
                 keys.push(PublicKey {
                     kid: None,
@@ -273,6 +311,13 @@ fn load_public_keys(path: &Path) -> Result<Vec<PublicKey>, ConfigError> {
                     key,
                 });
             } else if let Ok(key) = DecodingKey::from_ec_pem(block.as_bytes()) {
+                // jsonwebtoken takes any EC curve; only P-256 verifies ES256.
+                if !pem_names_p256(&block) {
+                    return Err(ConfigError::new(
+                        NAME,
+                        "holds an EC key on a curve other than P-256 (ES256 needs P-256)",
+                    ));
+                }
                 keys.push(PublicKey {
                     kid: None,
                     alg: Algorithm::ES256,
@@ -293,6 +338,18 @@ fn load_public_keys(path: &Path) -> Result<Vec<PublicKey>, ConfigError> {
         ));
     }
     Ok(keys)
+}
+
+/// Whether a PEM block's DER names the P-256 curve (OID 1.2.840.10045.3.1.7).
+fn pem_names_p256(block: &str) -> bool {
+    const P256_OID: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    let b64: String = block
+        .lines()
+        .filter(|l| !l.starts_with("-----") && !l.contains(':'))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .is_ok_and(|der| der.windows(P256_OID.len()).any(|w| w == P256_OID))
 }
 
 fn pem_blocks(text: &str) -> Vec<String> {
@@ -396,5 +453,292 @@ mod tests {
         assert_eq!(parse_ttl("15m"), Some(900));
         assert_eq!(parse_ttl("-1h"), None);
         assert_eq!(parse_ttl("x"), None);
+    }
+}
+
+/// Property tests: `verify` never panics on hostile input, and never accepts a token that is not
+/// byte-for-byte one a configured key signed.
+#[cfg(test)]
+mod props {
+    use std::sync::OnceLock;
+
+    use aws_lc_rs::encoding::AsDer as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SECRET: &str = "props-hs256-secret-0123456789";
+
+    fn pem(tag: &str, der: &[u8]) -> String {
+        let b64 = STANDARD.encode(der);
+        let body: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap_or_default())
+            .collect();
+        format!(
+            "-----BEGIN {tag}-----\n{}\n-----END {tag}-----\n",
+            body.join("\n")
+        )
+    }
+
+    struct Fixture {
+        verifier: Verifier,
+        rsa: EncodingKey,
+        ec: EncodingKey,
+    }
+
+    /// A verifier with the shared secret, an RSA key (`kid` r1) and a P-256 key (`kid` e1).
+    fn fixture() -> &'static Fixture {
+        static F: OnceLock<Fixture> = OnceLock::new();
+        F.get_or_init(|| {
+            let rsa = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+                .expect("RSA key generation");
+            let rsa_der: aws_lc_rs::encoding::Pkcs8V1Der = rsa.as_der().expect("RSA PKCS#8");
+            let rsa = EncodingKey::from_rsa_pem(pem("PRIVATE KEY", rsa_der.as_ref()).as_bytes())
+                .expect("RSA encoding key");
+            let ec = aws_lc_rs::signature::EcdsaKeyPair::generate(
+                &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            )
+            .expect("EC key generation");
+            let ec_der = ec.to_pkcs8v1().expect("EC PKCS#8");
+            let ec = EncodingKey::from_ec_pem(pem("PRIVATE KEY", ec_der.as_ref()).as_bytes())
+                .expect("EC encoding key");
+            let jwk = |k: &EncodingKey, alg, kid: &str| {
+                let mut j = Jwk::from_encoding_key(k, alg).expect("JWK");
+                j.common.key_id = Some(kid.to_owned());
+                j
+            };
+            let set = JwkSet {
+                keys: vec![
+                    jwk(&rsa, Algorithm::RS256, "r1"),
+                    jwk(&ec, Algorithm::ES256, "e1"),
+                ],
+            };
+            let path =
+                std::env::temp_dir().join(format!("credsync-props-{}.json", uuid::Uuid::new_v4()));
+            std::fs::write(&path, serde_json::to_vec(&set).expect("JWKS")).expect("write JWKS");
+            let verifier = Verifier::new(&JwtSettings {
+                hs256_secret: Some(SecretString::from(SECRET)),
+                public_keys_file: Some(path.clone()),
+                issuer: Some("iss-1".into()),
+                audience: "credsync".into(),
+                leeway_secs: 0,
+            })
+            .expect("verifier");
+            let _ = std::fs::remove_file(path);
+            Fixture { verifier, rsa, ec }
+        })
+    }
+
+    fn claims(sub: &str, scope: &str) -> serde_json::Value {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        serde_json::json!({"sub": sub, "scope": scope, "aud": "credsync", "iss": "iss-1", "exp": now + 600})
+    }
+
+    /// A valid token of one of the three kinds.
+    fn valid_token(kind: u8, sub: &str, scope: &str) -> String {
+        let f = fixture();
+        let (alg, kid, key) = match kind % 3 {
+            0 => (
+                Algorithm::HS256,
+                None,
+                EncodingKey::from_secret(SECRET.as_bytes()).expect("hs"),
+            ),
+            1 => (Algorithm::RS256, Some("r1"), f.rsa.clone()),
+            _ => (Algorithm::ES256, Some("e1"), f.ec.clone()),
+        };
+        let mut h = Header::new(alg);
+        h.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&h, &claims(sub, scope), &key).expect("sign")
+    }
+
+    fn b64json(v: &serde_json::Value) -> String {
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap_or_default())
+    }
+
+    fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            ".{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map("[a-z]{0,6}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A JWT-looking string with a chosen header, an arbitrary payload and signature.
+    fn crafted() -> impl Strategy<Value = String> {
+        let alg = prop_oneof![
+            Just("none"),
+            Just("None"),
+            Just("HS256"),
+            Just("HS512"),
+            Just("RS256"),
+            Just("ES256"),
+            Just("PS256"),
+            Just("EdDSA"),
+            Just(""),
+        ];
+        let kid = prop::option::of(prop_oneof![
+            Just("r1".to_owned()),
+            Just("e1".to_owned()),
+            ".{0,8}"
+        ]);
+        (
+            alg,
+            kid,
+            arb_json(),
+            prop::collection::vec(any::<u8>(), 0..300),
+        )
+            .prop_map(|(alg, kid, payload, sig)| {
+                let mut h = serde_json::json!({"alg": alg, "typ": "JWT"});
+                if let Some(k) = kid {
+                    h["kid"] = serde_json::Value::String(k);
+                }
+                format!(
+                    "{}.{}.{}",
+                    b64json(&h),
+                    b64json(&payload),
+                    URL_SAFE_NO_PAD.encode(sig)
+                )
+            })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Replace(usize, char),
+        Delete(usize, usize),
+        Insert(usize, char),
+        Truncate(usize),
+        SwapSegments,
+        DropSignature,
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        let ch = prop_oneof![
+            prop::char::range('A', 'Z'),
+            prop::char::range('a', 'z'),
+            prop::char::range('0', '9'),
+            Just('-'),
+            Just('_'),
+            Just('.'),
+            Just('='),
+            Just('+'),
+            Just('/'),
+            any::<char>(),
+        ];
+        prop_oneof![
+            (any::<usize>(), ch.clone()).prop_map(|(i, c)| Mutation::Replace(i, c)),
+            (any::<usize>(), 1usize..8).prop_map(|(i, n)| Mutation::Delete(i, n)),
+            (any::<usize>(), ch).prop_map(|(i, c)| Mutation::Insert(i, c)),
+            any::<usize>().prop_map(Mutation::Truncate),
+            Just(Mutation::SwapSegments),
+            Just(Mutation::DropSignature),
+        ]
+    }
+
+    fn apply(token: &str, m: &Mutation) -> String {
+        let mut chars: Vec<char> = token.chars().collect();
+        let n = chars.len();
+        match *m {
+            Mutation::Replace(i, c) if n > 0 => chars[i % n] = c,
+            Mutation::Replace(..) => {}
+            Mutation::Delete(i, k) => {
+                let start = i % n.max(1);
+                chars.drain(start.min(n)..(start + k).min(n));
+            }
+            Mutation::Insert(i, c) => chars.insert(i % (n + 1), c),
+            Mutation::Truncate(i) => chars.truncate(i % n.max(1)),
+            Mutation::SwapSegments => {
+                let mut parts: Vec<&str> = token.split('.').collect();
+                parts.rotate_left(1);
+                return parts.join(".");
+            }
+            Mutation::DropSignature => {
+                return token
+                    .rfind('.')
+                    .map_or_else(String::new, |cut| token[..=cut].to_owned());
+            }
+        }
+        chars.into_iter().collect()
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_strings_are_refused_without_panicking(s in ".{0,400}") {
+            prop_assert!(fixture().verifier.verify(&s).is_err());
+        }
+
+        #[test]
+        fn jwt_shaped_noise_is_refused(s in "[A-Za-z0-9_=-]{0,120}\\.[A-Za-z0-9_=-]{0,200}\\.[A-Za-z0-9_=-]{0,120}") {
+            prop_assert!(fixture().verifier.verify(&s).is_err());
+        }
+
+        #[test]
+        fn crafted_headers_and_forged_signatures_are_refused(t in crafted()) {
+            prop_assert!(fixture().verifier.verify(&t).is_err());
+        }
+
+        #[test]
+        fn a_mutated_valid_token_is_refused(
+            kind in any::<u8>(),
+            sub in "[a-z0-9-]{1,20}",
+            muts in prop::collection::vec(mutation(), 1..4),
+        ) {
+            let good = valid_token(kind, &sub, "status:read");
+            let caller = fixture().verifier.verify(&good);
+            prop_assert!(caller.as_ref().is_ok_and(|c| c.sub == sub), "{:?}", caller.err());
+            let mut bad = good.clone();
+            for m in &muts {
+                bad = apply(&bad, m);
+            }
+            let out = fixture().verifier.verify(&bad);
+            if bad != good {
+                prop_assert!(out.is_err(), "accepted a mutated token {bad:?}");
+            }
+        }
+
+        #[test]
+        fn a_resigned_payload_under_another_key_or_algorithm_is_refused(
+            kind in any::<u8>(),
+            claims_v in arb_json(),
+        ) {
+            // Arbitrary claims signed with an unconfigured HS256 secret or RSA public PEM bytes.
+            let key = if kind % 2 == 0 {
+                EncodingKey::from_secret(b"not-the-configured-secret-000")
+            } else {
+                EncodingKey::from_secret(pem("PUBLIC KEY", b"any public key bytes").as_bytes())
+            };
+            let key = key.expect("hmac key");
+            let mut h = Header::new(Algorithm::HS256);
+            h.kid = Some("r1".into());
+            let t = jsonwebtoken::encode(&h, &claims_v, &key).expect("sign");
+            prop_assert!(fixture().verifier.verify(&t).is_err());
+        }
+    }
+
+    #[test]
+    fn a_huge_leeway_is_refused_at_start_up() {
+        for leeway in [MAX_LEEWAY_SECS + 1, u64::MAX] {
+            let err = Verifier::new(&JwtSettings {
+                hs256_secret: Some(SecretString::from(SECRET)),
+                public_keys_file: None,
+                issuer: None,
+                audience: "credsync".into(),
+                leeway_secs: leeway,
+            })
+            .expect_err("a leeway past the maximum");
+            assert_eq!(err.setting, "CREDSYNC_JWT_LEEWAY_SECS");
+        }
     }
 }

@@ -538,3 +538,119 @@ mod tests {
         assert!(err.to_string().contains("zz"));
     }
 }
+
+/// Property tests: opening stored blobs is total, and any change to a sealed credential fails.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn ring() -> Keyring {
+        let key = |b: u8| base64::engine::general_purpose::STANDARD.encode([b; 32]);
+        Keyring::parse(&format!("a:{},b:{}", key(1), key(2)), Some("b"), None)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const USER: uuid::Uuid = uuid::Uuid::from_u128(0x6f1c3a52_8d5e_4c7b_9d0e_2a1b3c4d5e6f);
+
+    fn binding() -> Binding<'static> {
+        Binding {
+            leaf_user_id: &USER,
+            provider: "climate-field-view",
+        }
+    }
+
+    fn fields(values: &[String]) -> SecretFields {
+        let mut f = SecretFields::default();
+        for (name, v) in ["clientSecret", "apiKey", "refreshToken"]
+            .iter()
+            .zip(values)
+        {
+            f.insert(name, SecretString::from(v.as_str()));
+        }
+        f
+    }
+
+    fn blob() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..120),
+            // Well-formed version byte and length, random content.
+            prop::collection::vec(any::<u8>(), 28..120).prop_map(|mut v| {
+                v[0] = VERSION;
+                v
+            }),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Flip(prop::sample::Index, u8),
+        Truncate(prop::sample::Index),
+        Append(Vec<u8>),
+        SwapBlobs,
+        KeyId(String),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            (any::<prop::sample::Index>(), 1u8..=255).prop_map(|(i, x)| Edit::Flip(i, x)),
+            any::<prop::sample::Index>().prop_map(Edit::Truncate),
+            prop::collection::vec(any::<u8>(), 1..20).prop_map(Edit::Append),
+            Just(Edit::SwapBlobs),
+            prop_oneof![Just("a".to_owned()), Just("zz".to_owned()), ".{0,8}"]
+                .prop_map(Edit::KeyId),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_blobs_are_refused_without_panicking(
+            key_id in prop_oneof![Just("a".to_owned()), Just("b".to_owned()), ".{0,10}"],
+            wrapped_key in blob(),
+            secrets in blob(),
+        ) {
+            let sealed = Sealed { key_id, wrapped_key, secrets };
+            prop_assert!(ring().open(binding(), &sealed).is_err());
+            let _ = ring().rewrap(binding(), &sealed);
+        }
+
+        #[test]
+        fn sealed_secrets_round_trip_and_any_edit_fails(
+            values in prop::collection::vec(".{0,64}", 3),
+            edits in prop::collection::vec((any::<bool>(), edit()), 1..3),
+        ) {
+            let kr = ring();
+            let good = kr.seal(binding(), &fields(&values)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let opened = kr.open(binding(), &good).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            for (name, v) in ["clientSecret", "apiKey", "refreshToken"].iter().zip(&values) {
+                prop_assert_eq!(opened.get(name).map(ExposeSecret::expose_secret), Some(v.as_str()));
+            }
+            let mut bad = good.clone();
+            for (on_key, e) in &edits {
+                let target = if *on_key { &mut bad.wrapped_key } else { &mut bad.secrets };
+                match e {
+                    Edit::Flip(i, x) if !target.is_empty() => {
+                        let i = i.index(target.len());
+                        target[i] ^= x;
+                    }
+                    Edit::Flip(..) => {}
+                    Edit::Truncate(i) => {
+                        let n = i.index(target.len().max(1));
+                        target.truncate(n);
+                    }
+                    Edit::Append(extra) => target.extend_from_slice(extra),
+                    Edit::SwapBlobs => std::mem::swap(&mut bad.wrapped_key, &mut bad.secrets),
+                    Edit::KeyId(id) => bad.key_id.clone_from(id),
+                }
+            }
+            if bad != good {
+                prop_assert!(kr.open(binding(), &bad).is_err());
+            }
+            // Another user's binding never opens it.
+            let other = uuid::Uuid::from_u128(USER.as_u128() ^ 1);
+            let moved = Binding { leaf_user_id: &other, provider: "climate-field-view" };
+            prop_assert_eq!(kr.open(moved, &good).err(), Some(CryptoError::Tampered));
+        }
+    }
+}

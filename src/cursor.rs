@@ -146,3 +146,83 @@ mod tests {
         assert_eq!(decode::<i64>(&gone, "r", "f", &c), Err(CursorError));
     }
 }
+
+/// Property tests: decoding is total (a clean [`CursorError`], never a panic) and tamper-evident.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn ring() -> Keyring {
+        let key = |b: u8| base64::engine::general_purpose::STANDARD.encode([b; 32]);
+        Keyring::parse(&format!("k1:{},k2:{}", key(1), key(2)), Some("k2"), None)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    type Key = (String, i64);
+
+    proptest! {
+        #[test]
+        fn arbitrary_strings_are_a_clean_error(raw in ".{0,300}") {
+            prop_assert_eq!(decode::<Key>(&ring(), "events", "f", &raw), Err(CursorError));
+        }
+
+        #[test]
+        fn cursor_shaped_noise_is_a_clean_error(
+            p in "[A-Za-z0-9_-]{0,200}",
+            m in "[A-Za-z0-9_-]{0,60}",
+        ) {
+            let raw = format!("{p}.{m}");
+            prop_assert_eq!(decode::<Key>(&ring(), "events", "f", &raw), Err(CursorError));
+        }
+
+        #[test]
+        fn a_forged_payload_with_any_json_is_refused(
+            payload in prop_oneof![
+                ".{0,80}",
+                Just(r#"{"kid":"k1","k":["x",1]}"#.to_owned()),
+                Just(r#"{"kid":"k9","k":["x",1]}"#.to_owned()),
+                Just(r#"{"kid":"","k":null}"#.to_owned()),
+            ],
+            mac in prop::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let raw = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(payload.as_bytes()),
+                URL_SAFE_NO_PAD.encode(mac)
+            );
+            prop_assert_eq!(decode::<Key>(&ring(), "events", "f", &raw), Err(CursorError));
+        }
+
+        #[test]
+        fn valid_cursors_round_trip_and_any_edit_is_refused(
+            s in ".{0,40}",
+            n in any::<i64>(),
+            at in any::<prop::sample::Index>(),
+            c in any::<char>(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let k = ring();
+            let key: Key = (s, n);
+            let good = encode(&k, "events", "f", &key);
+            prop_assert_eq!(decode::<Key>(&k, "events", "f", &good), Ok(key.clone()));
+            prop_assert_eq!(decode::<Key>(&k, "audit", "f", &good), Err(CursorError));
+            prop_assert_eq!(decode::<Key>(&k, "events", "g", &good), Err(CursorError));
+            // Replace one character.
+            let mut chars: Vec<char> = good.chars().collect();
+            let i = at.index(chars.len());
+            chars[i] = c;
+            let edited: String = chars.into_iter().collect();
+            if edited != good {
+                prop_assert_eq!(decode::<Key>(&k, "events", "f", &edited), Err(CursorError));
+            }
+            // Truncate.
+            let truncated = &good[..cut.index(good.len())];
+            prop_assert_eq!(decode::<Key>(&k, "events", "f", truncated), Err(CursorError));
+            // Decode as another type: never a panic.
+            let _ = decode::<(i64, String)>(&k, "events", "f", &good);
+            let _ = decode::<u8>(&k, "events", "f", &good);
+        }
+    }
+}

@@ -6,11 +6,17 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
+/// In UTC, and only years 0000–9999 (what RFC 3339 and Postgres round-trip); `None` otherwise.
+fn utc_in_range(t: OffsetDateTime) -> Option<OffsetDateTime> {
+    t.checked_to_offset(UtcOffset::UTC)
+        .filter(|t| (0..=9999).contains(&t.year()))
+}
+
 /// Parse a Leaf timestamp leniently (RFC 3339, or a local date-time taken as UTC).
 pub fn parse_lenient(s: &str) -> Option<OffsetDateTime> {
     let s = s.trim();
     if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
-        return Some(t.to_offset(UtcOffset::UTC));
+        return utc_in_range(t);
     }
     let fmt = format_description!(
         version = 2,
@@ -19,18 +25,19 @@ pub fn parse_lenient(s: &str) -> Option<OffsetDateTime> {
     PrimitiveDateTime::parse(s, &fmt)
         .ok()
         .map(PrimitiveDateTime::assume_utc)
+        .and_then(utc_in_range)
 }
 
 /// Parse a caller's timestamp strictly (RFC 3339 with an offset).
 pub fn parse_strict(s: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(s, &Rfc3339)
         .ok()
-        .map(|t| t.to_offset(UtcOffset::UTC))
+        .and_then(utc_in_range)
 }
 
 /// The canonical form: RFC 3339, UTC, microseconds.
 pub fn format(t: OffsetDateTime) -> String {
-    let t = t.to_offset(UtcOffset::UTC);
+    let t = t.checked_to_offset(UtcOffset::UTC).unwrap_or(t);
     let fmt =
         format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
     t.format(&fmt)
@@ -80,5 +87,84 @@ mod tests {
         assert_eq!(format(d), "2026-01-02T03:04:05.000000Z");
         assert!(parse_lenient("yesterday").is_none());
         assert!(parse_strict("2026-01-02T03:04:05").is_none());
+    }
+}
+
+/// Property tests: the timestamp parsers on hostile strings.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// RFC 3339-like strings, with and without fraction, zone and `T`.
+    fn stamp() -> impl Strategy<Value = String> {
+        (
+            1000i32..=9998,
+            1u8..=12,
+            1u8..=28,
+            0u8..=23,
+            0u8..=59,
+            0u8..=59,
+            prop::option::of("[0-9]{1,9}"),
+            prop_oneof![
+                Just(String::new()),
+                Just("Z".to_owned()),
+                Just("z".to_owned()),
+                (prop_oneof![Just('+'), Just('-')], 0u8..=23, 0u8..=59)
+                    .prop_map(|(s, h, m)| format!("{s}{h:02}:{m:02}")),
+            ],
+            prop_oneof![Just('T'), Just(' '), Just('t')],
+        )
+            .prop_map(|(y, mo, d, h, mi, s, frac, zone, sep)| {
+                let frac = frac.map(|f| format!(".{f}")).unwrap_or_default();
+                format!("{y:04}-{mo:02}-{d:02}{sep}{h:02}:{mi:02}:{s:02}{frac}{zone}")
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_strings_never_panic(s in ".{0,64}") {
+            let _ = parse_lenient(&s);
+            let _ = parse_strict(&s);
+        }
+
+        #[test]
+        fn timestamp_shaped_noise_never_panics(s in "[0-9]{1,6}-[0-9]{1,3}-[0-9]{1,3}[T ][0-9]{1,3}:[0-9]{1,3}:[0-9]{1,3}(\\.[0-9]{0,12})?([Zz]|[+-][0-9]{2}:[0-9]{2})?") {
+            let _ = parse_lenient(&s);
+            let _ = parse_strict(&s);
+        }
+
+        #[test]
+        fn parsed_timestamps_are_utc_and_their_canonical_form_parses_back(s in stamp()) {
+            if let Some(t) = parse_lenient(&s) {
+                prop_assert_eq!(t.offset(), UtcOffset::UTC);
+                let canonical = format(t);
+                prop_assert_eq!(canonical.len(), 27, "{}", canonical);
+                let back = parse_strict(&canonical);
+                // The canonical form keeps microseconds: equal to within a microsecond.
+                prop_assert!(back.is_some_and(|b| (b - t).abs() < time::Duration::microseconds(1)), "{s} -> {canonical}");
+                prop_assert_eq!(parse_lenient(&canonical), back);
+            }
+            if let Some(strict) = parse_strict(&s) {
+                prop_assert_eq!(parse_lenient(&s), Some(strict));
+            }
+        }
+    }
+
+    /// Offsets that push the UTC instant past year 9999 (or before year -9999) must be a clean
+    /// `None`: `OffsetDateTime::to_offset` panics there, and `parse_strict` takes callers' query
+    /// parameters (`/v1/...?since=`) while `parse_lenient` takes Leaf's event dates.
+    #[test]
+    fn offsets_past_the_supported_range_do_not_panic() {
+        for s in [
+            "9999-12-31T23:59:59-23:59",
+            "9999-12-31T23:00:00-01:00",
+            "9999-12-31 23:59:59.999999-23:00",
+        ] {
+            let lenient = std::panic::catch_unwind(|| parse_lenient(s));
+            let strict = std::panic::catch_unwind(|| parse_strict(s));
+            assert!(lenient.is_ok() && strict.is_ok(), "{s} panics");
+        }
     }
 }

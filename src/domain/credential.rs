@@ -252,3 +252,154 @@ mod tests {
         assert_eq!(out, "token **** and ****");
     }
 }
+
+/// Property tests: the create-body parser on hostile bytes.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::domain::provider::CLIMATE_FIELD_VIEW;
+
+    const FIELDS: [&str; 4] = ["clientId", "clientSecret", "apiKey", "refreshToken"];
+
+    /// A value that cannot appear in an error message by accident.
+    fn secret_value() -> impl Strategy<Value = String> {
+        "zq[A-Za-z0-9+/=_~!@# -]{6,40}"
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            secret_value().prop_map(Value::from),
+            Just(Value::from("")),
+            Just(Value::from("   ")),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::from),
+                prop::collection::btree_map("[a-zA-Z]{0,8}", inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Every string inside a JSON value.
+    fn strings(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+            Value::Object(m) => m.values().for_each(|x| strings(x, out)),
+            _ => {}
+        }
+    }
+
+    /// A body made of the provider's fields (each maybe missing) and maybe an extra field.
+    fn near_valid_body() -> impl Strategy<Value = Value> {
+        (
+            prop::collection::vec(prop::option::of(arb_json()), 4),
+            prop::option::of(("[a-zA-Z]{1,70}", arb_json())),
+        )
+            .prop_map(|(values, extra)| {
+                let mut m = serde_json::Map::new();
+                for (name, v) in FIELDS.iter().zip(values) {
+                    if let Some(v) = v {
+                        m.insert((*name).to_owned(), v);
+                    }
+                }
+                if let Some((k, v)) = extra {
+                    m.insert(k, v);
+                }
+                Value::Object(m)
+            })
+    }
+
+    fn valid_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[ -~]{0,30}[!-~][ -~]{0,30}",
+            ".{0,20}[a-z].{0,20}",
+            "x{4096}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = CreateBody::parse(&CLIMATE_FIELD_VIEW, &bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(v in arb_json()) {
+            let _ = CreateBody::parse(&CLIMATE_FIELD_VIEW, v.to_string().as_bytes());
+        }
+
+        #[test]
+        fn errors_never_echo_a_value(body in near_valid_body(), cut in any::<prop::sample::Index>()) {
+            let text = body.to_string();
+            let mut values = Vec::new();
+            strings(&body, &mut values);
+            // The whole body, and a truncated (invalid) copy of it.
+            let truncated = &text.as_bytes()[..cut.index(text.len() + 1)];
+            for input in [text.as_bytes(), truncated] {
+                match CreateBody::parse(&CLIMATE_FIELD_VIEW, input) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        for v in values.iter().filter(|v| v.starts_with("zq")) {
+                            prop_assert!(!e.contains(v.as_str()), "{e:?} echoes {v:?}");
+                        }
+                        prop_assert!(e.len() < 200, "{e}");
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn valid_bodies_round_trip(
+            values in prop::collection::vec(valid_value(), 4),
+        ) {
+            let body = json!({
+                "clientId": values[0], "clientSecret": values[1],
+                "apiKey": values[2], "refreshToken": values[3],
+            });
+            let b = CreateBody::parse(&CLIMATE_FIELD_VIEW, body.to_string().as_bytes())
+                .map_err(TestCaseError::fail)?;
+            prop_assert_eq!(b.public.get("clientId"), Some(&body["clientId"]));
+            prop_assert_eq!(b.public.len(), 1);
+            for name in ["clientSecret", "apiKey", "refreshToken"] {
+                prop_assert_eq!(
+                    b.secrets.get(name).map(|s| s.expose_secret()),
+                    body[name].as_str()
+                );
+            }
+            let canonical: Value = serde_json::from_str(b.canonical.expose_secret())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&canonical, &body);
+            // Debug shows no secret value.
+            let dbg = format!("{b:?}");
+            for name in ["clientSecret", "apiKey", "refreshToken"] {
+                let v = body[name].as_str().unwrap_or_default();
+                prop_assert!(v.len() < 8 || !dbg.contains(v) || body["clientId"].as_str().is_some_and(|c| c.contains(v)));
+            }
+        }
+
+        #[test]
+        fn blank_or_oversized_fields_are_refused(
+            which in 0usize..4,
+            bad in prop_oneof![
+                "[ \t\n\r]{0,6}",
+                "y{4097,4200}",
+            ],
+        ) {
+            let mut body = json!({"clientId": "c", "clientSecret": "s", "apiKey": "a", "refreshToken": "r"});
+            body[FIELDS[which]] = Value::from(bad);
+            let e = CreateBody::parse(&CLIMATE_FIELD_VIEW, body.to_string().as_bytes())
+                .err()
+                .unwrap_or_default();
+            prop_assert!(e.contains(FIELDS[which]), "{e}");
+        }
+    }
+}

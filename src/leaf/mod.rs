@@ -729,7 +729,12 @@ fn parse_id_token(body: &[u8]) -> Option<(SecretString, Duration)> {
         .and_then(|c| c.get("exp").and_then(serde_json::Value::as_i64))
         .map(|exp| {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            Duration::from_secs(u64::try_from(exp - now).unwrap_or(0))
+            // Leaf's tokens live 30 days at most; anything longer is not believed.
+            Duration::from_secs(
+                u64::try_from(exp.saturating_sub(now))
+                    .unwrap_or(0)
+                    .min(30 * 86_400),
+            )
         })
         .unwrap_or(Duration::from_secs(3600));
     Some((auth.id_token, lifetime))
@@ -755,5 +760,198 @@ mod tests {
         assert_eq!(problem_detail(br#"{"title":"T","detail":"D"}"#, 400), "D");
         assert_eq!(problem_detail(br#"{"title":"T"}"#, 400), "T");
         assert_eq!(problem_detail(b"nope", 422), "Leaf answered 422");
+    }
+}
+
+/// Property tests: what Leaf sends is untrusted bytes too.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,16}".prop_map(Value::from),
+            "[0-9 ]{0,12}".prop_map(Value::from),
+            Just(Value::from("2026-01-02T03:04:05.123")),
+        ];
+        leaf.prop_recursive(3, 24, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("id".to_owned()),
+                        Just("createdDate".to_owned()),
+                        Just("statusCode".to_owned()),
+                        Just("headers".to_owned()),
+                        Just("body".to_owned()),
+                        Just("detail".to_owned()),
+                        Just("title".to_owned()),
+                        Just("message".to_owned()),
+                        Just("id_token".to_owned()),
+                        "[a-z]{0,6}",
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// An event as Leaf might send it, each field maybe of the wrong type.
+    fn raw_event() -> impl Strategy<Value = Value> {
+        (
+            prop_oneof![
+                ".{0,10}".prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                arb_json()
+            ],
+            prop_oneof![
+                Just(Value::from("2026-01-02T03:04:05.123")),
+                Just(Value::from("2026-01-02T03:04:05.123456Z")),
+                ".{0,30}".prop_map(Value::from),
+                arb_json(),
+            ],
+            prop_oneof![
+                any::<i64>().prop_map(Value::from),
+                any::<i32>().prop_map(|n| Value::from(n.to_string())),
+                any::<f64>().prop_map(Value::from),
+                arb_json(),
+            ],
+            prop::option::of(arb_json()),
+            prop::option::of(arb_json()),
+        )
+            .prop_map(|(id, created, status, headers, body)| {
+                let mut m = serde_json::Map::new();
+                m.insert("id".into(), id);
+                m.insert("createdDate".into(), created);
+                m.insert("statusCode".into(), status);
+                if let Some(h) = headers {
+                    m.insert("headers".into(), h);
+                }
+                if let Some(b) = body {
+                    m.insert("body".into(), b);
+                }
+                Value::Object(m)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+            let _ = parse_events(&bytes);
+            let _ = parse_object(&bytes);
+            let d = problem_detail(&bytes, 422);
+            prop_assert!(!d.is_empty() && d.chars().count() <= 1000);
+            let _ = parse_id_token(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(v in arb_json()) {
+            let bytes = v.to_string().into_bytes();
+            let _ = parse_events(&bytes);
+            let d = problem_detail(&bytes, 400);
+            prop_assert!(!d.is_empty() && d.chars().count() <= 1000);
+            let _ = parse_id_token(&bytes);
+        }
+
+        #[test]
+        fn events_parse_or_fail_cleanly(events in prop::collection::vec(raw_event(), 0..6)) {
+            let bytes = Value::from(events.clone()).to_string().into_bytes();
+            if let Ok(parsed) = parse_events(&bytes) {
+                prop_assert_eq!(parsed.len(), events.len());
+                for (e, raw) in parsed.iter().zip(&events) {
+                    match &raw["id"] {
+                        Value::String(s) => prop_assert_eq!(&e.id, s),
+                        Value::Number(n) => prop_assert_eq!(&e.id, &n.to_string()),
+                        other => prop_assert!(false, "id {other} accepted"),
+                    }
+                    prop_assert_eq!(e.created_date.offset(), time::UtcOffset::UTC);
+                }
+            } else {
+                prop_assert_eq!(parse_events(&bytes).err(), Some(LeafError::Unavailable(Unavailable::Garbage)));
+            }
+        }
+
+        #[test]
+        fn problem_detail_is_bounded_and_prefers_detail(
+            detail in prop::option::of(".{0,1200}"),
+            title in prop::option::of(".{0,40}"),
+            status in 400u16..600,
+        ) {
+            let mut m = serde_json::Map::new();
+            if let Some(d) = &detail { m.insert("detail".into(), json!(d)); }
+            if let Some(t) = &title { m.insert("title".into(), json!(t)); }
+            let out = problem_detail(Value::Object(m).to_string().as_bytes(), status);
+            let expected = [&detail, &title]
+                .into_iter()
+                .flatten()
+                .find(|s| !s.is_empty())
+                .map(|s| s.chars().take(1000).collect::<String>())
+                .unwrap_or_else(|| format!("Leaf answered {status}"));
+            prop_assert_eq!(out, expected);
+        }
+
+        #[test]
+        fn id_tokens_of_any_shape_get_a_bounded_lifetime(
+            token in prop_oneof![
+                ".{0,60}",
+                (".{0,20}", arb_json(), ".{0,20}").prop_map(|(h, mut c, s)| {
+                    // Extreme `exp` values are `an_extreme_exp_does_not_overflow` below.
+                    if let Some(m) = c.as_object_mut() { m.remove("exp"); }
+                    format!(
+                        "{h}.{}.{s}",
+                        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(c.to_string())
+                    )
+                }),
+                // Anything from long expired to ten years ahead, and non-integer `exp`s.
+                prop_oneof![
+                    (-2_000_000_000i64..2_100_000_000).prop_map(Value::from),
+                    any::<f64>().prop_map(Value::from),
+                    ".{0,8}".prop_map(Value::from),
+                ]
+                .prop_map(|exp| format!(
+                    "h.{}.s",
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json!({"exp": exp}).to_string())
+                )),
+            ],
+        ) {
+            let body = json!({"id_token": token}).to_string();
+            let (value, lifetime) = parse_id_token(body.as_bytes()).ok_or_else(|| TestCaseError::fail("refused"))?;
+            prop_assert_eq!(value.expose_secret(), token.as_str());
+            // The lifetime feeds `Instant::now() + …`: it must never overflow it.
+            prop_assert!(std::time::Instant::now().checked_add(lifetime).is_some(), "{lifetime:?}");
+        }
+    }
+
+    /// Leaf's `id_token` is not trusted: a far-future (or far-past) `exp` must not overflow
+    /// `exp - now` (a panic in debug builds) or `Instant::now() + lifetime` (a panic in every
+    /// build) in `authenticate`.
+    #[test]
+    fn an_extreme_exp_does_not_overflow() {
+        for exp in [i64::MIN, i64::MIN + 1, -1, i64::MAX, 1 << 40] {
+            let token = format!(
+                "h.{}.s",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .encode(json!({ "exp": exp }).to_string())
+            );
+            let body = json!({ "id_token": token }).to_string();
+            let got = std::panic::catch_unwind(|| parse_id_token(body.as_bytes()));
+            let (_, lifetime) = got
+                .unwrap_or_else(|_| panic!("exp {exp} panics"))
+                .unwrap_or_else(|| panic!("exp {exp} refused"));
+            assert!(
+                std::time::Instant::now().checked_add(lifetime).is_some(),
+                "exp {exp}: lifetime {lifetime:?} overflows an Instant"
+            );
+        }
     }
 }
