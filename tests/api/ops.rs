@@ -153,3 +153,38 @@ async fn leaf_refusing_credsyncs_own_credentials_is_never_the_callers_401() {
         .unwrap();
     assert_eq!(v["leaf"]["authenticated"], false);
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_request_is_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let app = spawn_app().await;
+    let addr = app.address.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "the server kept a half-sent request open for 20 s"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let text = String::from_utf8_lossy(&buf);
+    assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused() {
+    let app = spawn_app().await;
+    let mut req = app.client.get(format!("{}/healthz", app.address));
+    for i in 0..200 {
+        req = req.header(format!("x-filler-{i}"), "y".repeat(100));
+    }
+    let status = match req.send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0, // connection closed: refused too
+    };
+    assert!(status == 0 || status == 400 || status == 431, "{status}");
+}
