@@ -60,6 +60,21 @@ fn user_id(raw: &str) -> Result<Uuid, ApiError> {
         .map_err(ApiError::Validation)
 }
 
+/// The provider and user a credential route is about, once the caller's scope is checked
+/// (unknown provider → 404, missing scope → 403 audited as `denied`, bad user id → 400).
+async fn target(
+    st: &AppState,
+    who: &Authed,
+    path: web::Path<(String, String)>,
+    scope: Scope,
+    action: &str,
+) -> Result<(&'static Provider, Uuid), ApiError> {
+    let (raw_user, segment) = path.into_inner();
+    let provider = provider(&segment)?;
+    require(st, who, scope, action, &raw_user, provider).await?;
+    Ok((provider, user_id(&raw_user)?))
+}
+
 /// Check the scope; a refusal on a credential route is audited as `denied`.
 async fn require(
     st: &AppState,
@@ -109,18 +124,14 @@ async fn create(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (raw_user, segment) = path.into_inner();
-    let provider = provider(&segment)?;
-    require(
+    let (provider, user) = target(
         &st,
         &who,
+        path,
         Scope::CredentialsWrite,
         "credential.create",
-        &raw_user,
-        provider,
     )
     .await?;
-    let user = user_id(&raw_user)?;
     let bytes = read_json_body(&req, payload, st.max_body_bytes).await?;
     let body = CreateBody::parse(provider, &bytes).map_err(ApiError::Validation)?;
     drop(bytes);
@@ -272,18 +283,8 @@ async fn get(
     who: Authed,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let (raw_user, segment) = path.into_inner();
-    let provider = provider(&segment)?;
-    require(
-        &st,
-        &who,
-        Scope::CredentialsRead,
-        "credential.read",
-        &raw_user,
-        provider,
-    )
-    .await?;
-    let user = user_id(&raw_user)?;
+    let (provider, user) =
+        target(&st, &who, path, Scope::CredentialsRead, "credential.read").await?;
     let reveal = who.caller.scopes.may_reveal();
     let (view, source) = st.gateway.get(provider, user, reveal, who.actor()).await?;
     Ok(with_source(json_response(StatusCode::OK, &view), source))
@@ -294,18 +295,14 @@ async fn delete(
     who: Authed,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let (raw_user, segment) = path.into_inner();
-    let provider = provider(&segment)?;
-    require(
+    let (provider, user) = target(
         &st,
         &who,
+        path,
         Scope::CredentialsDelete,
         "credential.delete",
-        &raw_user,
-        provider,
     )
     .await?;
-    let user = user_id(&raw_user)?;
     Ok(
         match st.gateway.delete(provider, user, who.actor()).await? {
             Deleted::Done => HttpResponse::NoContent().finish(),
@@ -349,18 +346,7 @@ async fn status(
     path: web::Path<(String, String)>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let (raw_user, segment) = path.into_inner();
-    let provider = provider(&segment)?;
-    require(
-        &st,
-        &who,
-        Scope::StatusRead,
-        "credential.read",
-        &raw_user,
-        provider,
-    )
-    .await?;
-    let user = user_id(&raw_user)?;
+    let (provider, user) = target(&st, &who, path, Scope::StatusRead, "credential.read").await?;
     let q: SourceQuery = parse_query(&req)?;
     let (body, source) = st
         .gateway
@@ -388,18 +374,7 @@ async fn events(
     path: web::Path<(String, String)>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let (raw_user, segment) = path.into_inner();
-    let provider = provider(&segment)?;
-    require(
-        &st,
-        &who,
-        Scope::StatusRead,
-        "credential.read",
-        &raw_user,
-        provider,
-    )
-    .await?;
-    let user = user_id(&raw_user)?;
+    let (provider, user) = target(&st, &who, path, Scope::StatusRead, "credential.read").await?;
     let q: EventsQuery = parse_query(&req)?;
     let digits = |v: &str| {
         let v = v.trim();
