@@ -98,6 +98,17 @@ impl Application {
             None
         };
         let worker = opts.sync.then(|| crate::sync::spawn(syncer));
+        // Encryption counts are kept in memory on the write path and flushed here.
+        let db = state.gateway.db.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                if let Err(e) = store::credentials::flush_encryption_counts(&db).await {
+                    tracing::debug!(error = %e, "could not flush encryption counts");
+                }
+            }
+        });
         Ok(Application {
             port,
             server,
@@ -155,6 +166,7 @@ impl Application {
             server,
             worker,
             key_failure,
+            state,
             ..
         } = self;
         let key_failure = async move {
@@ -194,6 +206,9 @@ impl Application {
         }
         if let Some(worker) = worker {
             worker.stop().await;
+        }
+        if let Err(e) = store::credentials::flush_encryption_counts(&state.gateway.db).await {
+            tracing::warn!(error = %e, "could not flush encryption counts at shutdown");
         }
         match refused {
             Some(e) => Err(e.into()),

@@ -224,15 +224,22 @@ impl Gateway {
             && sealed.is_none()
             && same
         {
-            // Nothing to write on the request path: only `checkedAt` moves, off the hot path.
-            let (db, name) = (self.db.clone(), provider.name);
-            tokio::spawn(async move {
-                if let Err(e) = creds::touch_checked(&db, user, name).await {
-                    tracing::debug!(error = %e, "could not refresh checked_at");
-                }
-            });
+            // Nothing to write on the request path: only `checkedAt` moves, off the hot path,
+            // and at most once a second per credential.
+            let now = time::OffsetDateTime::now_utc();
+            if row
+                .checked_at
+                .is_none_or(|t| now - t > time::Duration::SECOND)
+            {
+                let (db, name) = (self.db.clone(), provider.name);
+                tokio::spawn(async move {
+                    if let Err(e) = creds::touch_checked(&db, user, name).await {
+                        tracing::debug!(error = %e, "could not refresh checked_at");
+                    }
+                });
+            }
             let mut row = row.clone();
-            row.checked_at = Some(time::OffsetDateTime::now_utc());
+            row.checked_at = Some(now);
             return Ok(Some(row));
         }
         let state = LeafState {

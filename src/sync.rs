@@ -416,7 +416,8 @@ impl Syncer {
     /// Returns how much work it found.
     pub async fn tick(&self) -> usize {
         let db = &self.gateway.db;
-        let batch = i64::try_from(self.settings.concurrency).unwrap_or(16);
+        // Twice the concurrency: slots refill while the slowest calls of the batch finish.
+        let batch = i64::try_from(self.settings.concurrency * 2).unwrap_or(32);
         let mut found = 0;
         match work::claim_outbox(db, &self.owner, self.settings.lease, batch).await {
             Ok(entries) => {
@@ -584,6 +585,7 @@ pub fn spawn(syncer: Syncer) -> WorkerHandle {
     let task = tokio::spawn(async move {
         tracing::info!(owner = %syncer.owner, "sync worker started");
         let mut last_prune = std::time::Instant::now() - Duration::from_secs(3600);
+        let mut last_compact = std::time::Instant::now();
         loop {
             if *rx.borrow() {
                 break;
@@ -592,6 +594,12 @@ pub fn spawn(syncer: Syncer) -> WorkerHandle {
                 n = syncer.tick() => n,
                 _ = rx.changed() => 0,
             };
+            if last_compact.elapsed() > Duration::from_secs(5) {
+                last_compact = std::time::Instant::now();
+                if let Err(e) = crate::store::query::compact_counts(&syncer.gateway.db).await {
+                    tracing::debug!(error = %e, "could not compact credential counts");
+                }
+            }
             if last_prune.elapsed() > Duration::from_secs(600) {
                 last_prune = std::time::Instant::now();
                 match work::prune_events(

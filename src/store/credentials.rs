@@ -143,19 +143,52 @@ pub async fn insert_pending(
     .bind(actor)
     .fetch_one(&mut *tx)
     .await?;
-    count_encryption(&mut tx, &sealed.key_id).await?;
+    count_encryption(&sealed.key_id);
     tx.commit().await?;
     Ok(Ok(outbox_id))
 }
 
-async fn count_encryption(
-    tx: &mut Transaction<'_, Postgres>,
-    key_id: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("update encryption_key set encryptions = encryptions + 1 where key_id = $1")
+/// Encryptions counted since the last flush, per key id. Counting in memory keeps a hot row
+/// out of every write transaction; a crash loses at most one flush interval of counts.
+static PENDING_ENCRYPTIONS: std::sync::Mutex<Vec<(String, i64)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn count_encryption(key_id: &str) {
+    let mut pending = PENDING_ENCRYPTIONS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match pending.iter_mut().find(|(k, _)| k == key_id) {
+        Some((_, n)) => *n += 1,
+        None => pending.push((key_id.to_owned(), 1)),
+    }
+}
+
+/// Add the encryptions counted in memory to `encryption_key` (every few seconds and at shutdown).
+pub async fn flush_encryption_counts(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let pending = std::mem::take(
+        &mut *PENDING_ENCRYPTIONS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for (i, (key_id, n)) in pending.iter().enumerate() {
+        let r = sqlx::query(
+            "update encryption_key set encryptions = encryptions + $2 where key_id = $1",
+        )
         .bind(key_id)
-        .execute(&mut **tx)
-        .await?;
+        .bind(n)
+        .execute(pool)
+        .await;
+        if let Err(e) = r {
+            // Put back what was not written.
+            let mut back = PENDING_ENCRYPTIONS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (k, m) in &pending[i..] {
+                back.push((k.clone(), *m));
+            }
+            return Err(e);
+        }
+    }
     Ok(())
 }
 
@@ -245,7 +278,7 @@ pub async fn store_leaf_state(
         .bind(&sealed.secrets)
         .execute(&mut *tx)
         .await?;
-        count_encryption(&mut tx, &sealed.key_id).await?;
+        count_encryption(&sealed.key_id);
     } else if let Some(sealed) = leaf.sealed {
         sqlx::query(
             "update credential set key_id = $3, wrapped_key = $4, secrets = $5
@@ -258,7 +291,7 @@ pub async fn store_leaf_state(
         .bind(&sealed.secrets)
         .execute(&mut *tx)
         .await?;
-        count_encryption(&mut tx, &sealed.key_id).await?;
+        count_encryption(&sealed.key_id);
     }
     finish_refresh(tx, user, provider, leaf, old_status, adopted, source).await
 }

@@ -41,6 +41,7 @@ pub const KEY_ENCRYPTIONS_WARN: i64 = 1 << 30;
 /// Export encryptions per key (`credsync_key_encryptions{key_id}`) and warn about keys past
 /// 2^30 encryptions (a quarter of AES-GCM's random-nonce limit): time to rotate.
 pub async fn check_key_usage(pool: &PgPool) -> Result<(), sqlx::Error> {
+    crate::store::credentials::flush_encryption_counts(pool).await?;
     let rows: Vec<(String, i64)> = sqlx::query_as("select key_id, encryptions from encryption_key")
         .fetch_all(pool)
         .await?;

@@ -1300,3 +1300,73 @@ async fn without_a_webhook_secret_the_alerts_route_is_a_404() {
         .unwrap();
     assert_problem(r, 405, "method-not-allowed").await;
 }
+
+#[tokio::test]
+async fn the_summary_counts_stay_exact_through_changes_and_compaction() {
+    let app = spawn_app().await;
+    let users: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+    for u in &users {
+        assert_eq!(
+            app.create(*u, &body("c", "summary00000")).await.status(),
+            201
+        );
+    }
+    sqlx::query("update credential set status = 'UNAUTHENTICATED' where leaf_user_id = $1")
+        .bind(users[0])
+        .execute(&app.db)
+        .await
+        .unwrap();
+    sqlx::query("update credential set status = 'SOMETHING_NEW' where leaf_user_id = $1")
+        .bind(users[1])
+        .execute(&app.db)
+        .await
+        .unwrap();
+    sqlx::query("update credential set sync_state = 'DELETE_PENDING' where leaf_user_id = $1")
+        .bind(users[2])
+        .execute(&app.db)
+        .await
+        .unwrap();
+    sqlx::query("delete from credential where leaf_user_id = $1")
+        .bind(users[3])
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let direct = |app: &TestApp| {
+        let db = app.db.clone();
+        async move {
+            let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
+                "select status, count(*) from credential where sync_state <> 'DELETE_PENDING' group by status",
+            )
+            .fetch_all(&db)
+            .await
+            .unwrap();
+            rows
+        }
+    };
+    for compact in [false, true] {
+        if compact {
+            sqlx::query("select credential_count_compact()")
+                .execute(&app.db)
+                .await
+                .unwrap();
+            assert!(
+                app.count("select count(*) from credential_count_delta")
+                    .await
+                    <= 3
+            );
+        }
+        let s: Value = app
+            .get_path("/v1/credentials/summary", "status:read")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(s["total"], 4, "{s}");
+        for (status, n) in direct(&app).await {
+            let key = status.unwrap_or_else(|| "UNKNOWN".into());
+            assert_eq!(s["byStatus"][&key], n, "{key} in {s}");
+        }
+        assert_eq!(s["byStatus"]["OK"], 2);
+        assert_eq!(s["byStatus"]["SOMETHING_NEW"], 1);
+    }
+}
