@@ -412,38 +412,48 @@ impl Syncer {
         Ok(())
     }
 
-    /// One pass of the background loop: drain due outbox entries, sync due credentials.
-    /// Returns how much work it found.
-    pub async fn tick(&self) -> usize {
+    /// One unit of background work: deliver one due outbox entry, else sync one due credential.
+    /// Returns whether there was any.
+    pub async fn step(&self) -> bool {
         let db = &self.gateway.db;
-        // Twice the concurrency: slots refill while the slowest calls of the batch finish.
-        let batch = i64::try_from(self.settings.concurrency * 2).unwrap_or(32);
-        let mut found = 0;
-        match work::claim_outbox(db, &self.owner, self.settings.lease, batch).await {
-            Ok(entries) => {
-                found += entries.len();
-                futures_util::stream::iter(entries)
-                    .for_each_concurrent(self.settings.concurrency, |e| async move {
-                        self.deliver(&e).await;
-                    })
-                    .await;
+        match work::claim_outbox(db, &self.owner, self.settings.lease, 1).await {
+            Ok(mut entries) => {
+                if let Some(e) = entries.pop() {
+                    self.deliver(&e).await;
+                    return true;
+                }
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the outbox"),
         }
-        match work::claim_due(db, &self.owner, self.settings.lease, batch).await {
-            Ok(due) => {
-                found += due.len();
-                futures_util::stream::iter(due)
-                    .for_each_concurrent(self.settings.concurrency, |(user, provider)| async move {
-                        if let Some(p) = provider_by_name(&provider) {
-                            self.sync_leased(p, user).await;
-                        }
-                    })
-                    .await;
+        match work::claim_due(db, &self.owner, self.settings.lease, 1).await {
+            Ok(mut due) => {
+                if let Some((user, provider)) = due.pop() {
+                    if let Some(p) = provider_by_name(&provider) {
+                        self.sync_leased(p, user).await;
+                    }
+                    return true;
+                }
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the sync queue"),
         }
-        found
+        false
+    }
+
+    /// A lane of the worker: steps until there is no work, then naps. `CREDSYNC_SYNC_CONCURRENCY`
+    /// lanes run side by side, so a slot is refilled the moment its call ends.
+    async fn lane(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        while !*stop.borrow() {
+            let worked = tokio::select! {
+                w = self.step() => w,
+                _ = stop.changed() => false,
+            };
+            if !worked {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
     }
 
     /// Sync the given credentials now (on-demand run): each is leased, refreshed (or, when its
@@ -584,52 +594,50 @@ pub fn spawn(syncer: Syncer) -> WorkerHandle {
     let (stop, mut rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         tracing::info!(owner = %syncer.owner, "sync worker started");
-        let mut last_prune = std::time::Instant::now() - Duration::from_secs(3600);
-        let mut last_compact = std::time::Instant::now();
-        loop {
-            if *rx.borrow() {
-                break;
-            }
-            let found = tokio::select! {
-                n = syncer.tick() => n,
-                _ = rx.changed() => 0,
-            };
-            if last_compact.elapsed() > Duration::from_secs(5) {
-                last_compact = std::time::Instant::now();
-                if let Err(e) = crate::store::query::compact_counts(&syncer.gateway.db).await {
-                    tracing::debug!(error = %e, "could not compact credential counts");
+        let lanes = futures_util::future::join_all(
+            (0..syncer.settings.concurrency).map(|_| syncer.lane(rx.clone())),
+        );
+        let maintenance = async {
+            let mut last_prune = std::time::Instant::now() - Duration::from_secs(3600);
+            let mut last_compact = std::time::Instant::now();
+            loop {
+                if *rx.borrow() {
+                    break;
+                }
+                if last_compact.elapsed() > Duration::from_secs(5) {
+                    last_compact = std::time::Instant::now();
+                    if let Err(e) = crate::store::query::compact_counts(&syncer.gateway.db).await {
+                        tracing::debug!(error = %e, "could not compact credential counts");
+                    }
+                }
+                if last_prune.elapsed() > Duration::from_secs(600) {
+                    last_prune = std::time::Instant::now();
+                    match work::prune_events(
+                        &syncer.gateway.db,
+                        syncer.settings.events_retention_days,
+                        5000,
+                    )
+                    .await
+                    {
+                        Ok(n) if n > 0 => tracing::info!(pruned = n, "old events pruned"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "event pruning failed"),
+                    }
+                    if let Err(e) = crate::store::gauges::check_key_usage(&syncer.gateway.db).await
+                    {
+                        tracing::warn!(error = %e, "key usage check failed");
+                    }
+                    if let Err(e) = crate::store::idempotency::prune(&syncer.gateway.db).await {
+                        tracing::warn!(error = %e, "idempotency pruning failed");
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = rx.changed() => {}
                 }
             }
-            if last_prune.elapsed() > Duration::from_secs(600) {
-                last_prune = std::time::Instant::now();
-                match work::prune_events(
-                    &syncer.gateway.db,
-                    syncer.settings.events_retention_days,
-                    5000,
-                )
-                .await
-                {
-                    Ok(n) if n > 0 => tracing::info!(pruned = n, "old events pruned"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "event pruning failed"),
-                }
-                if let Err(e) = crate::store::gauges::check_key_usage(&syncer.gateway.db).await {
-                    tracing::warn!(error = %e, "key usage check failed");
-                }
-                if let Err(e) = crate::store::idempotency::prune(&syncer.gateway.db).await {
-                    tracing::warn!(error = %e, "idempotency pruning failed");
-                }
-            }
-            let pause = if found > 0 {
-                Duration::from_millis(50)
-            } else {
-                Duration::from_millis(500)
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = rx.changed() => {}
-            }
-        }
+        };
+        futures_util::future::join(lanes, maintenance).await;
         if let Err(e) = work::release_all(&syncer.gateway.db, &syncer.owner).await {
             tracing::warn!(error = %e, "could not release leases at shutdown");
         }
