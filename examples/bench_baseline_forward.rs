@@ -1,0 +1,91 @@
+//! Benchmark baseline for `scripts/bench` (not part of the tests): a minimal forwarder of
+//! `GET /services/usermanagement/api/users/{user}/{segment}` to a Leaf (the simulator), built
+//! the fast way — actix-web with one `reqwest::Client` per worker and one Leaf token fetched at
+//! start-up. No JWT, no database, no logging: what any forwarding gateway has to pay.
+//!
+//! Environment: `LEAF_API_URL` (required), `LEAF_USERNAME` / `LEAF_PASSWORD` (default
+//! `bench`), `BENCH_LISTEN` (default `127.0.0.1:18091`), `BENCH_WORKERS` (default: available
+//! parallelism).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use actix_web::http::StatusCode;
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+
+struct Forwarder {
+    client: reqwest::Client,
+    base: String,
+    bearer: String,
+}
+
+async fn forward(fwd: web::Data<Forwarder>, req: HttpRequest) -> HttpResponse {
+    let url = format!("{}{}", fwd.base, req.path());
+    let answer = fwd
+        .client
+        .get(url)
+        .header("authorization", fwd.bearer.as_str())
+        .send()
+        .await;
+    let Ok(answer) = answer else {
+        return HttpResponse::BadGateway().finish();
+    };
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    match answer.bytes().await {
+        Ok(body) => HttpResponse::build(status)
+            .content_type("application/json")
+            .body(body),
+        Err(_) => HttpResponse::BadGateway().finish(),
+    }
+}
+
+async fn leaf_token(base: &str, user: &str, password: &str) -> anyhow::Result<String> {
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("{base}/api/authenticate"))
+        .json(&serde_json::json!({"username": user, "password": password}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let token = answer["id_token"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no id_token in Leaf's answer"))?;
+    Ok(format!("Bearer {token}"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let base = std::env::var("LEAF_API_URL")?
+        .trim_end_matches('/')
+        .to_owned();
+    let user = std::env::var("LEAF_USERNAME").unwrap_or_else(|_| "bench".into());
+    let password = std::env::var("LEAF_PASSWORD").unwrap_or_else(|_| "bench".into());
+    let listen = std::env::var("BENCH_LISTEN").unwrap_or_else(|_| "127.0.0.1:18091".into());
+    let workers: usize = match std::env::var("BENCH_WORKERS") {
+        Ok(v) => v.parse()?,
+        Err(_) => std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+    };
+    actix_web::rt::System::new().block_on(async move {
+        let bearer = leaf_token(&base, &user, &password).await?;
+        HttpServer::new(move || {
+            // One client per worker, created on that worker's runtime.
+            let client = reqwest::Client::builder()
+                .build()
+                .expect("cannot build an HTTP client");
+            App::new()
+                .app_data(web::Data::new(Forwarder {
+                    client,
+                    base: base.clone(),
+                    bearer: bearer.clone(),
+                }))
+                .route(
+                    "/services/usermanagement/api/users/{user}/{segment}",
+                    web::get().to(forward),
+                )
+        })
+        .workers(workers)
+        .bind(&listen)?
+        .run()
+        .await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(())
+}

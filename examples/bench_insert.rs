@@ -1,0 +1,119 @@
+//! Benchmark baseline for `scripts/bench` (not part of the tests): bare single-row INSERTs into
+//! the `credential` table through sqlx, rows of the same size as credsync's creates (public
+//! fields as JSON, a data key and the secrets sealed by `credsync::crypto::Keyring`, sealed
+//! once). `BENCH_CONCURRENCY` tasks insert for `BENCH_SECS` seconds through a pool of
+//! `BENCH_DB_MAX_CONNECTIONS` (credsync's default pool size, 16) with `test_before_acquire` off.
+//!
+//! Prints one line: `{"rows": n, "secs": s, "rowsPerSec": r, "secretsBytes": b, "wrappedKeyBytes": w}`.
+//! Point `DATABASE_URL` at a scratch database with credsync's schema: it inserts random users.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use credsync::crypto::{Binding, Keyring, SecretFields};
+use secrecy::SecretString;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::types::Json;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    match std::env::var(name) {
+        Ok(v) => Ok(v.parse()?),
+        Err(_) => Ok(default),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let url = std::env::var("DATABASE_URL")?;
+    let concurrency: usize = env_or("BENCH_CONCURRENCY", 32)?;
+    let secs: u64 = env_or("BENCH_SECS", 10)?;
+    let max_conn: u32 = env_or("BENCH_DB_MAX_CONNECTIONS", 16)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_conn)
+        .test_before_acquire(false)
+        .connect(&url)
+        .await?;
+
+    // The same fields scripts/bench posts to credsync.
+    let keyring = Keyring::parse(
+        &format!("bench:{}", credsync::crypto::generate_key_b64().as_str()),
+        None,
+        None,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut secrets = SecretFields::default();
+    secrets.insert(
+        "clientSecret",
+        SecretString::from("bench-client-secret-0123456789abcdef"),
+    );
+    secrets.insert(
+        "apiKey",
+        SecretString::from("bench-api-key-0123456789abcdef"),
+    );
+    secrets.insert(
+        "refreshToken",
+        SecretString::from("bench-refresh-token-0123456789abcdef"),
+    );
+    let user0 = uuid::Uuid::new_v4();
+    let sealed = keyring
+        .seal(
+            Binding {
+                leaf_user_id: &user0,
+                provider: "climate-field-view",
+            },
+            &secrets,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut public = serde_json::Map::new();
+    public.insert("clientId".into(), "bench-client-id-0123456789".into());
+    let public = Arc::new(public);
+    let sealed = Arc::new(sealed);
+
+    let rows = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(secs);
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (pool, rows, public, sealed) =
+            (pool.clone(), rows.clone(), public.clone(), sealed.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                sqlx::query(
+                    "insert into credential (leaf_user_id, provider, sync_state, public_fields, key_id, wrapped_key, secrets)
+                     values ($1, $2, 'PENDING_UPSTREAM', $3, $4, $5, $6)",
+                )
+                .bind(uuid::Uuid::new_v4())
+                .bind("climate-field-view")
+                .bind(Json(public.as_ref()))
+                .bind(&sealed.key_id)
+                .bind(&sealed.wrapped_key)
+                .bind(&sealed.secrets)
+                .execute(&pool)
+                .await?;
+                rows.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, sqlx::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let n = rows.load(Ordering::Relaxed);
+    println!(
+        "{}",
+        serde_json::json!({
+            "rows": n,
+            "secs": elapsed,
+            "rowsPerSec": n as f64 / elapsed,
+            "secretsBytes": sealed.secrets.len(),
+            "wrappedKeyBytes": sealed.wrapped_key.len(),
+        })
+    );
+    Ok(())
+}
