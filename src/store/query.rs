@@ -35,6 +35,23 @@ fn fetch_limit(limit: u32) -> i64 {
     i64::from(limit) + 1
 }
 
+/// Run an assembled list query (ending in `limit fetch_limit(limit)`) unnamed, as one page.
+async fn fetch_page<T>(
+    mut q: QueryBuilder<Postgres>,
+    pool: &PgPool,
+    limit: u32,
+) -> Result<Page<T>, sqlx::Error>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let rows = q
+        .build_query_as::<T>()
+        .persistent(false)
+        .fetch_all(pool)
+        .await?;
+    Ok(Page::from_rows(rows, limit))
+}
+
 // ---------------------------------------------------------------------------------------------
 // credentials
 
@@ -109,12 +126,7 @@ pub async fn credentials(
     }
     q.push(" order by leaf_user_id, provider limit ")
         .push_bind(fetch_limit(limit));
-    let rows = q
-        .build_query_as::<CredentialItem>()
-        .persistent(false)
-        .fetch_all(pool)
-        .await?;
-    Ok(Page::from_rows(rows, limit))
+    fetch_page(q, pool, limit).await
 }
 
 /// One group of the summary: how many credentials have this status and sync state.
@@ -202,12 +214,7 @@ pub async fn status_history(
     }
     q.push(" order by at desc, id desc limit ")
         .push_bind(fetch_limit(limit));
-    let rows = q
-        .build_query_as::<Transition>()
-        .persistent(false)
-        .fetch_all(pool)
-        .await?;
-    Ok(Page::from_rows(rows, limit))
+    fetch_page(q, pool, limit).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,12 +288,7 @@ pub async fn events(
     }
     q.push(" order by created_date desc, id desc, leaf_user_id desc, provider desc limit ")
         .push_bind(fetch_limit(limit));
-    let rows = q
-        .build_query_as::<EventItem>()
-        .persistent(false)
-        .fetch_all(pool)
-        .await?;
-    Ok(Page::from_rows(rows, limit))
+    fetch_page(q, pool, limit).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -348,10 +350,5 @@ pub async fn audit(
     }
     q.push(" order by at desc, id desc limit ")
         .push_bind(fetch_limit(limit));
-    let rows = q
-        .build_query_as::<AuditItem>()
-        .persistent(false)
-        .fetch_all(pool)
-        .await?;
-    Ok(Page::from_rows(rows, limit))
+    fetch_page(q, pool, limit).await
 }
