@@ -127,6 +127,13 @@ pub(crate) fn method_not_allowed(allow: &'static str) -> actix_web::Route {
     )
 }
 
+/// A path that answers GET only (405 with `Allow: GET` otherwise).
+pub(crate) fn get_only(path: &str, route: actix_web::Route) -> actix_web::Resource {
+    web::resource(path)
+        .route(route)
+        .default_service(method_not_allowed("GET"))
+}
+
 /// All routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     ops::routes(cfg);

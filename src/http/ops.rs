@@ -14,11 +14,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         ("/metrics", web::get().to(metrics)),
         ("/openapi.yaml", web::get().to(openapi)),
     ] {
-        cfg.service(
-            web::resource(path)
-                .route(route)
-                .default_service(super::method_not_allowed("GET")),
-        );
+        cfg.service(super::get_only(path, route));
     }
 }
 

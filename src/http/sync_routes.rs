@@ -18,11 +18,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(trigger))
             .default_service(super::method_not_allowed("POST")),
     )
-    .service(
-        web::resource("/v1/sync/runs/{runId}")
-            .route(web::get().to(run))
-            .default_service(super::method_not_allowed("GET")),
-    );
+    .service(super::get_only("/v1/sync/runs/{runId}", web::get().to(run)));
 }
 
 #[derive(Deserialize)]

@@ -68,31 +68,20 @@ pub const AUDIT_ACTIONS: &[&str] = &[
 const CONFIRMATION_MESSAGE: &str = "confirmation of webhook upon registration";
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/v1/credentials")
-            .route(web::get().to(list_credentials))
-            .default_service(super::method_not_allowed("GET")),
-    )
-    .service(
-        web::resource("/v1/credentials/summary")
-            .route(web::get().to(summary))
-            .default_service(super::method_not_allowed("GET")),
-    )
-    .service(
-        web::resource("/v1/users/{leafUserId}/status-history")
-            .route(web::get().to(status_history))
-            .default_service(super::method_not_allowed("GET")),
-    )
-    .service(
-        web::resource("/v1/events")
-            .route(web::get().to(list_events))
-            .default_service(super::method_not_allowed("GET")),
-    )
-    .service(
-        web::resource("/v1/audit")
-            .route(web::get().to(list_audit))
-            .default_service(super::method_not_allowed("GET")),
-    )
+    cfg.service(super::get_only(
+        "/v1/credentials",
+        web::get().to(list_credentials),
+    ))
+    .service(super::get_only(
+        "/v1/credentials/summary",
+        web::get().to(summary),
+    ))
+    .service(super::get_only(
+        "/v1/users/{leafUserId}/status-history",
+        web::get().to(status_history),
+    ))
+    .service(super::get_only("/v1/events", web::get().to(list_events)))
+    .service(super::get_only("/v1/audit", web::get().to(list_audit)))
     .service(
         web::resource("/v1/leaf/alerts")
             .route(web::post().to(leaf_alert))
