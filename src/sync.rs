@@ -70,6 +70,18 @@ pub struct Syncer {
     permits: Arc<Semaphore>,
     /// The worker's own ceiling: three quarters of the Leaf rate, so callers always keep a share.
     pace: Arc<governor::DefaultDirectRateLimiter>,
+    /// Leases whose release failed (the database went away mid-sync). Released again before the
+    /// next claim, so a blip does not park a credential until its lease expires.
+    stranded: Arc<std::sync::Mutex<Vec<Stranded>>>,
+}
+
+/// A sync lease the worker still holds, with the schedule it meant to set on release.
+#[derive(Debug, Clone)]
+struct Stranded {
+    user: Uuid,
+    provider: &'static str,
+    next: Duration,
+    failed: bool,
 }
 
 /// Result of one user's sync.
@@ -94,6 +106,7 @@ impl Syncer {
             owner: owner_id().into(),
             permits,
             pace,
+            stranded: Arc::default(),
         }
     }
 
@@ -195,18 +208,17 @@ impl Syncer {
                 )
             }
         };
-        if outcome != UserOutcome::Vanished
-            && let Err(e) = work::finish_sync(
-                &self.gateway.db,
-                &self.owner,
+        if outcome != UserOutcome::Vanished {
+            let lease = Stranded {
                 user,
-                provider.name,
+                provider: provider.name,
                 next,
                 failed,
-            )
-            .await
-        {
-            tracing::warn!(error = %e, "could not release a sync lease");
+            };
+            if let Err(e) = self.release(&lease).await {
+                tracing::warn!(error = %e, "could not release a sync lease; will retry");
+                self.stranded_leases().push(lease);
+            }
         }
         metrics::counter!("credsync_sync_users_total", "outcome" => match outcome {
             UserOutcome::Synced => "synced",
@@ -215,6 +227,32 @@ impl Syncer {
         })
         .increment(1);
         outcome
+    }
+
+    async fn release(&self, lease: &Stranded) -> Result<(), sqlx::Error> {
+        work::finish_sync(
+            &self.gateway.db,
+            &self.owner,
+            lease.user,
+            lease.provider,
+            lease.next,
+            lease.failed,
+        )
+        .await
+    }
+
+    fn stranded_leases(&self) -> std::sync::MutexGuard<'_, Vec<Stranded>> {
+        self.stranded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Retry the releases that failed; the ones that fail again stay for the next step.
+    async fn release_stranded(&self) {
+        let pending = std::mem::take(&mut *self.stranded_leases());
+        for lease in pending {
+            if self.release(&lease).await.is_err() {
+                self.stranded_leases().push(lease);
+            }
+        }
     }
 
     /// Deliver one outbox entry (create or delete). Returns whether it is settled.
@@ -416,6 +454,7 @@ impl Syncer {
     /// Returns whether there was any.
     pub async fn step(&self) -> bool {
         let db = &self.gateway.db;
+        self.release_stranded().await;
         match work::claim_outbox(db, &self.owner, self.settings.lease, 1).await {
             Ok(mut entries) => {
                 if let Some(e) = entries.pop() {

@@ -706,6 +706,65 @@ async fn a_postgres_outage_answers_503_and_the_same_process_recovers_by_itself()
     eprintln!("postgres outage test: {:?}", started.elapsed());
 }
 
+#[tokio::test]
+async fn a_sync_cut_off_by_a_database_outage_does_not_park_the_credential_for_a_lease() {
+    let mut pg = TempPostgres::start().await.unwrap();
+    let app = spawn_app_with(
+        AppOptions {
+            db_url: Some(pg.url().to_owned()),
+            run: RunOptions {
+                http: true,
+                sync: true,
+                migrate: true,
+            },
+            ..AppOptions::default()
+        }
+        .env("CREDSYNC_SYNC_INTERVAL_SECS", "1"),
+    )
+    .await;
+    let user = Uuid::new_v4();
+    assert_eq!(app.create(user, &body_for(user)).await.status(), 201);
+    let leaf = Leaf::new(&app.sim_url);
+    // The worker's next read of this user is slow at Leaf; the database goes away under it, for
+    // longer than the pool waits for a connection (3 s) on each of the calls that follow.
+    let path = user.to_string();
+    leaf.fault(json!({"latencyMs": 300, "method": "GET", "pathContains": path}))
+        .await;
+    let seen = leaf.requests().await.len();
+    let reads_after = |from: usize| {
+        let leaf = &leaf;
+        let path = path.clone();
+        async move {
+            leaf.requests().await[from..]
+                .iter()
+                .filter(|r| {
+                    r["method"] == "GET" && r["path"].as_str().is_some_and(|p| p.contains(&path))
+                })
+                .count()
+        }
+    };
+    wait_until(
+        "the worker to start a sync",
+        Duration::from_secs(10),
+        || async { reads_after(seen).await > 0 },
+    )
+    .await;
+    pg.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    pg.restart().await.unwrap();
+    leaf.clear_faults().await;
+    // The lease (120 s by default) was taken before the outage and its release failed; the
+    // worker releases it once the database is back instead of waiting for it to expire.
+    let after = leaf.requests().await.len();
+    wait_until(
+        "the worker to sync the user again",
+        Duration::from_secs(15),
+        || async { reads_after(after).await > 0 },
+    )
+    .await;
+    app.stop().await;
+}
+
 /// `credsync serve --no-migrate` (child process) with these keys; stderr goes to `log`.
 fn serve_no_migrate(
     db_url: &str,

@@ -278,6 +278,11 @@ async fn two_workers_on_one_database_sync_each_user_once_per_interval() {
             201
         );
     }
+    // Slow Leaf reads: a round of 12 users then takes longer than an idle lane's nap, so the
+    // second replica cannot sleep through a round the first one finishes alone.
+    first
+        .fault(json!({"latencyMs": 300, "method": "GET", "pathContains": "climate-field-view-credentials"}))
+        .await;
     let second = spawn_app_with(
         AppOptions {
             db_url: Some(first.db_url.clone()),
