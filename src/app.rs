@@ -66,7 +66,10 @@ impl Application {
         listener: TcpListener,
     ) -> anyhow::Result<Application> {
         let verifier = Verifier::new(&settings.jwt).map_err(|e| StartupError(e.to_string()))?;
-        let (gateway, keys) = Self::build_gateway_checked(&settings, opts.migrate).await?;
+        let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        let pools = PoolSplit::new(settings.db_max_connections, opts.http.then_some(workers));
+        let (gateway, keys) =
+            Self::build_gateway_checked(&settings, opts.migrate, pools.background).await?;
         let key_failure = match keys {
             KeyCheck::Passed => None,
             KeyCheck::Deferred => {
@@ -83,16 +86,20 @@ impl Application {
         let state = Arc::new(AppState {
             gateway,
             syncer: syncer.clone(),
-            verifier,
+            verifier: Arc::new(verifier),
             metrics: http::metrics_handle(),
             max_body_bytes: settings.max_body_bytes,
             webhook_secret: settings.webhook_secret.clone(),
-            caller_limiter: http::CallerLimiter::new(settings.caller_rps),
+            caller_limiter: http::CallerLimiter::new(settings.caller_rps).map(Arc::new),
         });
         let port = listener.local_addr()?.port();
         let server = if opts.http {
-            let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-            Some(http::server(listener, state.clone(), workers)?)
+            Some(http::server(
+                listener,
+                state.clone(),
+                workers,
+                pools.per_worker,
+            )?)
         } else {
             drop(listener);
             None
@@ -120,14 +127,19 @@ impl Application {
 
     /// The pool (migrated when `migrate`), the key check and the Leaf client.
     pub async fn build_gateway(settings: &Settings, migrate: bool) -> anyhow::Result<Gateway> {
-        Ok(Self::build_gateway_checked(settings, migrate).await?.0)
+        Ok(
+            Self::build_gateway_checked(settings, migrate, settings.db_max_connections)
+                .await?
+                .0,
+        )
     }
 
     async fn build_gateway_checked(
         settings: &Settings,
         migrate: bool,
+        pool_size: u32,
     ) -> anyhow::Result<(Gateway, KeyCheck)> {
-        let db = store::pool(&settings.database_url, settings.db_max_connections)?;
+        let db = store::pool(&settings.database_url, pool_size)?;
         if migrate {
             migrate_with_retry(&db).await?;
         }
@@ -217,6 +229,33 @@ impl Application {
     }
 }
 
+/// How `CREDSYNC_DB_MAX_CONNECTIONS` is divided: a pool per actix worker (each on its worker's
+/// runtime) and one for the background work (sync worker, maintenance, start-up checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PoolSplit {
+    background: u32,
+    per_worker: u32,
+}
+
+impl PoolSplit {
+    /// `http_workers` is `None` when the process serves no HTTP. Every pool gets at least one
+    /// connection, so a total below `workers + 1` is exceeded by that much.
+    fn new(total: u32, http_workers: Option<usize>) -> PoolSplit {
+        let Some(workers) = http_workers else {
+            return PoolSplit {
+                background: total,
+                per_worker: 0,
+            };
+        };
+        let workers = u32::try_from(workers.max(1)).unwrap_or(u32::MAX);
+        let background = (total / 4).max(1);
+        PoolSplit {
+            background,
+            per_worker: (total.saturating_sub(background) / workers).max(1),
+        }
+    }
+}
+
 /// Migrations at start-up, waiting a little for a Postgres that is still starting.
 async fn migrate_with_retry(db: &sqlx::PgPool) -> anyhow::Result<()> {
     let mut delay = Duration::from_millis(200);
@@ -300,5 +339,24 @@ async fn deferred_key_check(
                 Err(e) => tracing::warn!(error = %e, "the key check failed; retrying"),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PoolSplit;
+
+    #[test]
+    fn the_connection_budget_is_split_between_workers_and_background_work() {
+        let split = PoolSplit::new(16, Some(2));
+        assert_eq!((split.background, split.per_worker), (4, 6));
+        assert!(split.background + 2 * split.per_worker <= 16);
+        let split = PoolSplit::new(16, None);
+        assert_eq!(split.background, 16);
+        // Tiny budgets still give every pool a connection.
+        let split = PoolSplit::new(1, Some(4));
+        assert_eq!((split.background, split.per_worker), (1, 1));
+        let split = PoolSplit::new(64, Some(8));
+        assert_eq!((split.background, split.per_worker), (16, 6));
     }
 }

@@ -33,6 +33,19 @@ pub struct Gateway {
     pub outbox_grace: Duration,
 }
 
+impl Gateway {
+    /// The gateway of one actix worker: its own database pool (of `pool_size` connections) and
+    /// Leaf connection pool, on that worker's runtime; keys, token, rate limit and breaker shared.
+    pub fn for_worker(&self, pool_size: u32) -> Gateway {
+        Gateway {
+            db: crate::store::sibling(&self.db, pool_size),
+            keyring: self.keyring.clone(),
+            leaf: Arc::new(self.leaf.for_worker()),
+            outbox_grace: self.outbox_grace,
+        }
+    }
+}
+
 /// Who asks, for the audit trail and Leaf's logs.
 #[derive(Debug, Clone, Copy)]
 pub struct Actor<'a> {
@@ -113,6 +126,15 @@ impl LeafCredential {
     }
 }
 
+/// Whether every secret Leaf echoed equals the one held (an empty echo matches).
+fn echo_matches(held: &SecretFields, echoed: &SecretFields) -> bool {
+    echoed.0.iter().all(|(k, v)| {
+        held.get(k).is_some_and(|old| {
+            crate::crypto::ct_eq(old.expose_secret().as_bytes(), v.expose_secret().as_bytes())
+        })
+    })
+}
+
 /// Whether Leaf's answer says nothing new about a SYNCED row (status, ids, public fields).
 fn unchanged(row: &CredentialRow, leaf: &LeafCredential) -> bool {
     row.state() == SyncState::Synced
@@ -174,16 +196,7 @@ impl Gateway {
         stored: Option<&SecretFields>,
         echoed: SecretFields,
     ) -> Result<Option<crate::crypto::Sealed>, ApiError> {
-        let unchanged = stored.is_some_and(|s| {
-            echoed.0.iter().all(|(k, v)| {
-                s.get(k).is_some_and(|old| {
-                    crate::crypto::ct_eq(
-                        old.expose_secret().as_bytes(),
-                        v.expose_secret().as_bytes(),
-                    )
-                })
-            })
-        });
+        let unchanged = stored.is_some_and(|s| echo_matches(s, &echoed));
         if unchanged || (stored.is_none() && echoed.0.is_empty()) {
             return Ok(None);
         }
@@ -214,6 +227,19 @@ impl Gateway {
         actor: Actor<'_>,
     ) -> Result<Option<CredentialRow>, ApiError> {
         let leaf = LeafCredential::parse(provider, answer);
+        self.apply_leaf_credential(provider, user, existing, leaf, source, actor)
+            .await
+    }
+
+    async fn apply_leaf_credential(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        existing: Option<&CredentialRow>,
+        leaf: LeafCredential,
+        source: StatusSource,
+        actor: Actor<'_>,
+    ) -> Result<Option<CredentialRow>, ApiError> {
         let stored = match existing {
             Some(row) => self.open(provider, row)?,
             None => None,
@@ -365,13 +391,41 @@ impl Gateway {
             .await
         {
             Ok(answer) => {
+                let leaf = LeafCredential::parse(provider, answer);
+                // Leaf echoed what was sent (or nothing): settle the pending row in one statement.
+                if echo_matches(&body.secrets, &leaf.secrets) {
+                    let state = LeafState {
+                        leaf_credential_id: leaf.id,
+                        status: leaf.status.as_deref(),
+                        created_time: leaf.created_time,
+                        public: &leaf.public,
+                        sealed: None,
+                    };
+                    if let Some(row) = creds::settle_create(
+                        &self.db,
+                        user,
+                        provider.name,
+                        &state,
+                        actor.sub,
+                        actor.request_id,
+                    )
+                    .await?
+                    {
+                        return Ok(Created::Synced(credential_view(
+                            provider,
+                            &row,
+                            Some(&body.secrets),
+                            false,
+                        )));
+                    }
+                }
                 let existing = creds::get(&self.db, user, provider.name).await?;
                 let row = self
-                    .apply_leaf_answer(
+                    .apply_leaf_credential(
                         provider,
                         user,
                         existing.as_ref(),
-                        answer,
+                        leaf,
                         StatusSource::Request,
                         actor,
                     )

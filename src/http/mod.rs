@@ -27,15 +27,17 @@ use crate::auth::Verifier;
 use crate::error::{ApiError, REQUEST_ID};
 use crate::gateway::Gateway;
 
-/// Shared state of every worker.
+/// The state of the service. Each actix worker holds a copy whose `gateway` has that worker's
+/// own connection pools ([`Gateway::for_worker`]); everything else is shared.
+#[derive(Clone)]
 pub struct AppState {
     pub gateway: Gateway,
     pub syncer: crate::sync::Syncer,
-    pub verifier: Verifier,
+    pub verifier: Arc<Verifier>,
     pub metrics: PrometheusHandle,
     pub max_body_bytes: usize,
     pub webhook_secret: Option<SecretString>,
-    pub caller_limiter: Option<extract::CallerLimiter>,
+    pub caller_limiter: Option<Arc<extract::CallerLimiter>>,
 }
 
 /// The Prometheus recorder, installed once per process.
@@ -142,16 +144,22 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     v1::routes(cfg);
 }
 
-/// Build the HTTP server on `listener` (not started until awaited).
+/// Build the HTTP server on `listener` (not started until awaited). Each of the `workers`
+/// gets its own database pool of `pool_per_worker` connections.
 pub fn server(
     listener: TcpListener,
     state: Arc<AppState>,
     workers: usize,
+    pool_per_worker: u32,
 ) -> std::io::Result<Server> {
-    let data = web::Data::from(state);
     let server = HttpServer::new(move || {
+        // Runs on the worker's own thread and runtime, where its pools must live.
+        let local = AppState {
+            gateway: state.gateway.for_worker(pool_per_worker),
+            ..(*state).clone()
+        };
         App::new()
-            .app_data(data.clone())
+            .app_data(web::Data::new(local))
             .wrap(from_fn(request_context))
             .configure(routes)
             .default_service(web::to(not_found))

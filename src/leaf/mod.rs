@@ -127,9 +127,17 @@ struct Token {
     renew_at: Instant,
 }
 
-/// The Leaf client. One per process, shared.
+/// The Leaf client. Cheap to clone: the token, the rate limiter, the breaker and the auth
+/// health are shared by every clone; the HTTP connection pool is per clone, so that each actix
+/// worker keeps its connections on its own runtime ([`LeafClient::for_worker`]).
+#[derive(Clone)]
 pub struct LeafClient {
     http: reqwest::Client,
+    shared: std::sync::Arc<Shared>,
+}
+
+/// What every clone of a [`LeafClient`] shares.
+struct Shared {
     base: String,
     auth: LeafAuth,
     token: tokio::sync::RwLock<Option<Token>>,
@@ -144,9 +152,18 @@ pub struct LeafClient {
 impl std::fmt::Debug for LeafClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LeafClient")
-            .field("base", &self.base)
+            .field("base", &self.shared.base)
             .finish_non_exhaustive()
     }
+}
+
+fn http_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("credsync/", env!("CARGO_PKG_VERSION")))
+        .build()
 }
 
 /// A raw answer.
@@ -158,40 +175,46 @@ struct Answer {
 
 impl LeafClient {
     pub fn new(settings: &LeafSettings) -> anyhow::Result<LeafClient> {
-        let http = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout.min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("credsync/", env!("CARGO_PKG_VERSION")))
-            .build()?;
         let rps = NonZeroU32::new(settings.max_rps).unwrap_or(NonZeroU32::MIN);
         Ok(LeafClient {
-            http,
-            base: settings.api_url.clone(),
-            auth: settings.auth.clone(),
-            token: tokio::sync::RwLock::new(None),
-            renewing: tokio::sync::Mutex::new(()),
-            timeout: settings.timeout,
-            limiter: RateLimiter::direct(Quota::per_second(rps).allow_burst(rps)),
-            max_rps: rps.get(),
-            // High enough that a burst of failing calls from callers does not open it by accident;
-            // a real outage (the worker alone makes hundreds of calls) opens it quickly.
-            breaker: Breaker::new(25, Duration::from_secs(5)),
-            auth_health: AtomicU8::new(AuthHealth::Unknown as u8),
+            http: http_client(settings.timeout)?,
+            shared: std::sync::Arc::new(Shared {
+                base: settings.api_url.clone(),
+                auth: settings.auth.clone(),
+                token: tokio::sync::RwLock::new(None),
+                renewing: tokio::sync::Mutex::new(()),
+                timeout: settings.timeout,
+                limiter: RateLimiter::direct(Quota::per_second(rps).allow_burst(rps)),
+                max_rps: rps.get(),
+                // High enough that a burst of failing calls from callers does not open it by
+                // accident; a real outage (the worker alone makes hundreds of calls) opens it
+                // quickly.
+                breaker: Breaker::new(25, Duration::from_secs(5)),
+                auth_health: AtomicU8::new(AuthHealth::Unknown as u8),
+            }),
         })
+    }
+
+    /// A client for one actix worker: the same token, rate limit and breaker, its own connection
+    /// pool (a connection made on another worker's runtime would hop threads on every call).
+    pub fn for_worker(&self) -> LeafClient {
+        LeafClient {
+            http: http_client(self.shared.timeout).unwrap_or_else(|_| self.http.clone()),
+            shared: self.shared.clone(),
+        }
     }
 
     /// This process's share of `LEAF_MAX_RPS`.
     pub fn max_rps(&self) -> u32 {
-        self.max_rps
+        self.shared.max_rps
     }
 
     pub fn base_url(&self) -> &str {
-        &self.base
+        &self.shared.base
     }
 
     pub fn auth_health(&self) -> AuthHealth {
-        match self.auth_health.load(Ordering::Relaxed) {
+        match self.shared.auth_health.load(Ordering::Relaxed) {
             1 => AuthHealth::Ok,
             2 => AuthHealth::Rejected,
             _ => AuthHealth::Unknown,
@@ -199,11 +222,11 @@ impl LeafClient {
     }
 
     pub fn breaker(&self) -> &Breaker {
-        &self.breaker
+        &self.shared.breaker
     }
 
     fn set_auth_health(&self, h: AuthHealth) {
-        self.auth_health.store(h as u8, Ordering::Relaxed);
+        self.shared.auth_health.store(h as u8, Ordering::Relaxed);
     }
 
     fn credential_path(provider: &Provider, user: Uuid) -> String {
@@ -382,6 +405,7 @@ impl LeafClient {
         request_id: &str,
     ) -> Result<Answer, LeafError> {
         let permit = self
+            .shared
             .breaker
             .try_acquire()
             .ok_or(LeafError::Unavailable(Unavailable::CircuitOpen))?;
@@ -419,9 +443,9 @@ impl LeafClient {
             };
             let status = answer.status;
             if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
-                && !matches!(self.auth, LeafAuth::None)
+                && !matches!(self.shared.auth, LeafAuth::None)
             {
-                if !renewed && matches!(self.auth, LeafAuth::Password { .. }) {
+                if !renewed && matches!(self.shared.auth, LeafAuth::Password { .. }) {
                     renewed = true;
                     continue;
                 }
@@ -469,7 +493,7 @@ impl LeafClient {
         token: Option<&SecretString>,
         request_id: &str,
     ) -> Result<Answer, LeafError> {
-        if tokio::time::timeout(self.timeout, self.limiter.until_ready())
+        if tokio::time::timeout(self.shared.timeout, self.shared.limiter.until_ready())
             .await
             .is_err()
         {
@@ -478,7 +502,7 @@ impl LeafClient {
         let body = body.map(Zeroizing::new);
         let mut req = self
             .http
-            .request(method, format!("{}{}", self.base, path))
+            .request(method, format!("{}{}", self.shared.base, path))
             .header("X-Request-Id", request_id);
         if !query.is_empty() {
             req = req.query(query);
@@ -504,13 +528,14 @@ impl LeafClient {
 
     /// The token to use, authenticating when there is none, it is due for renewal, or `force`.
     async fn current_token(&self, force: bool) -> Result<Option<SecretString>, LeafError> {
-        let (username, password) = match &self.auth {
+        let (username, password) = match &self.shared.auth {
             LeafAuth::None => return Ok(None),
             LeafAuth::Token(t) => return Ok(Some(t.clone())),
             LeafAuth::Password { username, password } => (username, password),
         };
         if !force
             && let Some(t) = self
+                .shared
                 .token
                 .read()
                 .await
@@ -519,10 +544,11 @@ impl LeafClient {
         {
             return Ok(Some(t.value.clone()));
         }
-        let _guard = self.renewing.lock().await;
+        let _guard = self.shared.renewing.lock().await;
         // Someone else may have renewed while we waited.
         if !force
             && let Some(t) = self
+                .shared
                 .token
                 .read()
                 .await
@@ -533,7 +559,7 @@ impl LeafClient {
         }
         let token = self.authenticate(username, password).await?;
         let value = token.value.clone();
-        *self.token.write().await = Some(token);
+        *self.shared.token.write().await = Some(token);
         Ok(Some(value))
     }
 

@@ -97,6 +97,32 @@ pub async fn insert_pending(
     request_id: &str,
     grace: std::time::Duration,
 ) -> Result<Result<i64, CreateConflict>, sqlx::Error> {
+    // The common case, a user without a credential: one statement, one round trip.
+    let fresh: Option<i64> = sqlx::query_scalar(
+        "with ins as (
+             insert into credential (leaf_user_id, provider, sync_state, public_fields, key_id, wrapped_key, secrets)
+             values ($1, $2, 'PENDING_UPSTREAM', $3, $4, $5, $6) on conflict do nothing
+             returning leaf_user_id, provider)
+         insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
+         select leaf_user_id, provider, 'create', now() + make_interval(secs => $7), $8, $9 from ins
+         returning id",
+    )
+    .bind(user)
+    .bind(provider)
+    .bind(Json(public))
+    .bind(&sealed.key_id)
+    .bind(&sealed.wrapped_key)
+    .bind(&sealed.secrets)
+    .bind(grace.as_secs_f64())
+    .bind(request_id)
+    .bind(actor)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(id) = fresh {
+        count_encryption(&sealed.key_id);
+        return Ok(Ok(id));
+    }
+    // A row is there: find out why, replacing a REJECTED one.
     let mut tx = pool.begin().await?;
     let existing: Option<String> = sqlx::query_scalar(
         "select sync_state from credential where leaf_user_id = $1 and provider = $2 for update",
@@ -294,6 +320,63 @@ pub async fn store_leaf_state(
         count_encryption(&sealed.key_id);
     }
     finish_refresh(tx, user, provider, leaf, old_status, adopted, source).await
+}
+
+/// Leaf took a create the request path queued (`PENDING_UPSTREAM`): mark the row SYNCED with
+/// Leaf's answer, record the status, drop the outbox entry and write the audit entry, in one
+/// statement. `None` when the row is no longer pending (the worker delivered it, or a delete
+/// came in between): the caller then takes the general path.
+pub async fn settle_create(
+    pool: &PgPool,
+    user: Uuid,
+    provider: &str,
+    leaf: &LeafState<'_>,
+    actor: &str,
+    request_id: &str,
+) -> Result<Option<CredentialRow>, sqlx::Error> {
+    debug_assert!(
+        leaf.sealed.is_none(),
+        "a resealed answer takes the general path"
+    );
+    sqlx::query_as::<_, CredentialRow>(sqlx::AssertSqlSafe(format!(
+        "with cur as (
+             select status from credential
+             where leaf_user_id = $1 and provider = $2 and sync_state = 'PENDING_UPSTREAM' for update),
+         upd as (
+             update credential c set
+                 sync_state = 'SYNCED',
+                 leaf_credential_id = coalesce($3, c.leaf_credential_id),
+                 status = coalesce($4, c.status),
+                 checked_at = now(),
+                 changed_at = case when $4 is not null and $4 is distinct from cur.status then now() else c.changed_at end,
+                 created_time = coalesce($5, c.created_time),
+                 public_fields = c.public_fields || $6,
+                 rejection_status = null,
+                 rejection_detail = null
+             from cur where c.leaf_user_id = $1 and c.provider = $2
+             returning c.*, cur.status as old_status),
+         history as (
+             insert into status_history (leaf_user_id, provider, from_status, to_status, source)
+             select $1, $2, old_status, $4, 'request' from upd
+             where $4 is not null and $4 is distinct from old_status),
+         outbox_done as (
+             delete from outbox where leaf_user_id = $1 and provider = $2 and op = 'create'
+             and exists (select 1 from upd)),
+         audited as (
+             insert into audit (actor, action, leaf_user_id, provider, outcome, request_id)
+             select $7, 'credential.create', $1, $2, 'success', $8 from upd)
+         select {COLUMNS} from upd"
+    )))
+    .bind(user)
+    .bind(provider)
+    .bind(leaf.leaf_credential_id)
+    .bind(leaf.status)
+    .bind(leaf.created_time)
+    .bind(Json(leaf.public))
+    .bind(actor)
+    .bind(request_id)
+    .fetch_optional(pool)
+    .await
 }
 
 async fn finish_refresh(

@@ -35,7 +35,18 @@ pub fn pool(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> 
     let opts = opts
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
-    Ok(PgPoolOptions::new()
+    Ok(pool_with(opts, max_connections))
+}
+
+/// Another pool to the same database as `pool` (one per actix worker: a connection opened on
+/// one runtime and used from another routes every reply through the other runtime's thread).
+/// Must be called on the runtime that will use it.
+pub fn sibling(pool: &PgPool, max_connections: u32) -> PgPool {
+    pool_with((*pool.connect_options()).clone(), max_connections)
+}
+
+fn pool_with(opts: PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(3))
@@ -49,7 +60,7 @@ pub fn pool(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> 
             })
         })
         .idle_timeout(Duration::from_secs(300))
-        .connect_lazy_with(opts))
+        .connect_lazy_with(opts)
 }
 
 /// Apply pending migrations.

@@ -27,6 +27,20 @@ async fn create_forwards_to_leaf_and_answers_201_with_redacted_secrets() {
     // The audit trail names the caller.
     let n = app.count("select count(*) from audit where action = 'credential.create' and actor = 'test-caller' and outcome = 'success'").await;
     assert_eq!(n, 1);
+    // Settled: no outbox entry left, the first status recorded once, the row SYNCED.
+    let count = |sql| app.count_for(sql, user);
+    assert_eq!(
+        count("select count(*) from outbox where leaf_user_id = $1").await,
+        0
+    );
+    assert_eq!(
+        count("select count(*) from status_history where leaf_user_id = $1 and from_status is null and to_status = 'OK' and source = 'request'").await,
+        1
+    );
+    assert_eq!(
+        count("select count(*) from credential where leaf_user_id = $1 and sync_state = 'SYNCED' and checked_at is not null and changed_at is not null and leaf_credential_id is not null").await,
+        1
+    );
 }
 
 #[tokio::test]

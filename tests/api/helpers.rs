@@ -328,6 +328,15 @@ impl TestApp {
         sqlx::query_scalar(sql).fetch_one(&self.db).await.unwrap()
     }
 
+    /// `count` of a query with one parameter, `$1`: the user.
+    pub async fn count_for(&self, sql: &'static str, user: Uuid) -> i64 {
+        sqlx::query_scalar(sql)
+            .bind(user)
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+
     /// Every value of every table, as text (for secret scans).
     pub async fn dump_all_tables(&self) -> String {
         let tables: Vec<String> = sqlx::query_scalar(
