@@ -148,11 +148,17 @@ impl Application {
             tracing::warn!("database unreachable at start-up: the key check runs once it answers");
         }
         let leaf = Arc::new(LeafClient::new(&settings.leaf)?);
+        let touches = Arc::new(crate::gateway::Touches::default());
+        tokio::spawn(crate::gateway::Touches::flush_loop(
+            db.clone(),
+            Arc::downgrade(&touches),
+        ));
         let gateway = Gateway {
             db,
             keyring: settings.keyring.clone(),
             leaf,
             outbox_grace: settings.leaf.timeout + Duration::from_secs(30),
+            touches,
         };
         Ok((gateway, keys))
     }
@@ -218,6 +224,9 @@ impl Application {
         }
         if let Some(worker) = worker {
             worker.stop().await;
+        }
+        if let Err(e) = state.gateway.touches.flush(&state.gateway.db).await {
+            tracing::warn!(error = %e, "could not write the last checkedAt refreshes at shutdown");
         }
         if let Err(e) = store::credentials::flush_encryption_counts(&state.gateway.db).await {
             tracing::warn!(error = %e, "could not flush encryption counts at shutdown");

@@ -31,6 +31,71 @@ pub struct Gateway {
     pub leaf: Arc<LeafClient>,
     /// How long the request path owns a fresh outbox entry before the worker may take it.
     pub outbox_grace: Duration,
+    /// `checked_at` refreshes from the request path, written in batches ([`Touches`]).
+    pub touches: Arc<Touches>,
+}
+
+/// The `checked_at` refreshes of forwarded reads whose answer changed nothing, collected per
+/// credential and written by one statement every [`Touches::EVERY`]: a hot credential read
+/// thousands of times a second costs one row update per flush, not one per second per reader.
+#[derive(Debug, Default)]
+pub struct Touches(
+    std::sync::Mutex<std::collections::HashMap<(Uuid, &'static str), time::OffsetDateTime>>,
+);
+
+impl Touches {
+    pub const EVERY: Duration = Duration::from_millis(200);
+
+    fn pending(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<(Uuid, &'static str), time::OffsetDateTime>,
+    > {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add(&self, user: Uuid, provider: &'static str, at: time::OffsetDateTime) {
+        let mut pending = self.pending();
+        let t = pending.entry((user, provider)).or_insert(at);
+        *t = (*t).max(at);
+    }
+
+    /// Write what is pending; on failure it stays pending (one entry per credential at most).
+    pub async fn flush(&self, db: &PgPool) -> Result<(), sqlx::Error> {
+        let batch: Vec<_> = self
+            .pending()
+            .drain()
+            .map(|((u, p), at)| (u, p, at))
+            .collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let written = creds::touch_checked_many(db, &batch).await;
+        if written.is_err() {
+            for (u, p, at) in batch {
+                self.add(u, p, at);
+            }
+        }
+        written
+    }
+
+    /// Flush every [`Touches::EVERY`] until the last gateway holding `touches` is gone.
+    pub async fn flush_loop(db: PgPool, touches: std::sync::Weak<Touches>) {
+        let mut every = tokio::time::interval(Self::EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let Some(touches) = touches.upgrade() else {
+                return;
+            };
+            if let Err(e) = touches.flush(&db).await {
+                tracing::debug!(error = %e, "could not refresh checked_at");
+            }
+        }
+    }
 }
 
 impl Gateway {
@@ -42,6 +107,7 @@ impl Gateway {
             keyring: self.keyring.clone(),
             leaf: Arc::new(self.leaf.for_worker()),
             outbox_grace: self.outbox_grace,
+            touches: self.touches.clone(),
         }
     }
 }
@@ -126,6 +192,15 @@ impl LeafCredential {
     }
 }
 
+/// The held secrets with Leaf's echoed ones over them (Leaf may add some, e.g. `accessToken`).
+fn merge(held: Option<&SecretFields>, echoed: &SecretFields) -> SecretFields {
+    let mut merged = SecretFields::default();
+    for (k, v) in held.into_iter().flat_map(|h| &h.0).chain(&echoed.0) {
+        merged.insert(k, v.clone());
+    }
+    merged
+}
+
 /// Whether every secret Leaf echoed equals the one held (an empty echo matches).
 fn echo_matches(held: &SecretFields, echoed: &SecretFields) -> bool {
     echoed.0.iter().all(|(k, v)| {
@@ -200,18 +275,17 @@ impl Gateway {
         if unchanged || (stored.is_none() && echoed.0.is_empty()) {
             return Ok(None);
         }
-        let mut merged = SecretFields::default();
-        if let Some(s) = stored {
-            for (k, v) in &s.0 {
-                merged.insert(k, v.clone());
-            }
-        }
-        for (k, v) in echoed.0 {
-            merged.insert(&k, v);
-        }
+        self.seal(provider, user, &merge(stored, &echoed)).map(Some)
+    }
+
+    fn seal(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        secrets: &SecretFields,
+    ) -> Result<crate::crypto::Sealed, ApiError> {
         self.keyring
-            .seal(binding(&user, provider), &merged)
-            .map(Some)
+            .seal(binding(&user, provider), secrets)
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("cannot seal: {e}")))
     }
 
@@ -250,19 +324,21 @@ impl Gateway {
             && sealed.is_none()
             && same
         {
-            // Nothing to write on the request path: only `checkedAt` moves, off the hot path,
-            // and at most once a second per credential.
+            // Nothing to write but `checkedAt`, at most once a second per credential: batched
+            // off the request path, written by the worker's sync right away.
             let now = time::OffsetDateTime::now_utc();
             if row
                 .checked_at
                 .is_none_or(|t| now - t > time::Duration::SECOND)
             {
-                let (db, name) = (self.db.clone(), provider.name);
-                tokio::spawn(async move {
-                    if let Err(e) = creds::touch_checked(&db, user, name).await {
-                        tracing::debug!(error = %e, "could not refresh checked_at");
+                match source {
+                    StatusSource::Request => self.touches.add(user, provider.name, now),
+                    StatusSource::Sync | StatusSource::Alert => {
+                        if let Err(e) = creds::touch_checked(&self.db, user, provider.name).await {
+                            tracing::debug!(error = %e, "could not refresh checked_at");
+                        }
                     }
-                });
+                }
             }
             let mut row = row.clone();
             row.checked_at = Some(now);
@@ -392,32 +468,38 @@ impl Gateway {
         {
             Ok(answer) => {
                 let leaf = LeafCredential::parse(provider, answer);
-                // Leaf echoed what was sent (or nothing): settle the pending row in one statement.
-                if echo_matches(&body.secrets, &leaf.secrets) {
-                    let state = LeafState {
-                        leaf_credential_id: leaf.id,
-                        status: leaf.status.as_deref(),
-                        created_time: leaf.created_time,
-                        public: &leaf.public,
-                        sealed: None,
-                    };
-                    if let Some(row) = creds::settle_create(
-                        &self.db,
-                        user,
-                        provider.name,
-                        &state,
-                        actor.sub,
-                        actor.request_id,
-                    )
-                    .await?
-                    {
-                        return Ok(Created::Synced(credential_view(
-                            provider,
-                            &row,
-                            Some(&body.secrets),
-                            false,
-                        )));
-                    }
+                // The common case: settle the pending row in one statement, sealing what Leaf
+                // added to the secrets (from the plaintext at hand: nothing to decrypt).
+                let merged = (!echo_matches(&body.secrets, &leaf.secrets))
+                    .then(|| merge(Some(&body.secrets), &leaf.secrets));
+                let sealed = merged
+                    .as_ref()
+                    .map(|m| self.seal(provider, user, m))
+                    .transpose()?;
+                let state = LeafState {
+                    leaf_credential_id: leaf.id,
+                    status: leaf.status.as_deref(),
+                    created_time: leaf.created_time,
+                    public: &leaf.public,
+                    sealed: sealed.as_ref(),
+                };
+                if let Some(row) = creds::settle_create(
+                    &self.db,
+                    user,
+                    provider.name,
+                    &state,
+                    actor.sub,
+                    actor.request_id,
+                )
+                .await?
+                {
+                    let secrets = merged.as_ref().unwrap_or(&body.secrets);
+                    return Ok(Created::Synced(credential_view(
+                        provider,
+                        &row,
+                        Some(secrets),
+                        false,
+                    )));
                 }
                 let existing = creds::get(&self.db, user, provider.name).await?;
                 let row = self
@@ -487,14 +569,26 @@ impl Gateway {
 
     /// Refuse reads of a credential whose delete is pending or that Leaf rejected.
     fn refuse_gone(row: &CredentialRow) -> Result<(), ApiError> {
-        match row.state() {
+        Self::refuse_state(
+            row.state(),
+            row.rejection_status,
+            row.rejection_detail.as_deref(),
+        )
+    }
+
+    fn refuse_state(
+        state: SyncState,
+        rejection_status: Option<i32>,
+        rejection_detail: Option<&str>,
+    ) -> Result<(), ApiError> {
+        match state {
             SyncState::DeletePending => Err(ApiError::NotFound(
                 "the credential is being deleted (delete pending at Leaf)".into(),
             )),
             SyncState::Rejected => Err(ApiError::NotFound(format!(
                 "Leaf rejected this credential ({}): {}",
-                row.rejection_status.unwrap_or_default(),
-                row.rejection_detail.as_deref().unwrap_or("no detail")
+                rejection_status.unwrap_or_default(),
+                rejection_detail.unwrap_or("no detail")
             ))),
             _ => Ok(()),
         }
@@ -581,20 +675,24 @@ impl Gateway {
         cache_only: bool,
         actor: Actor<'_>,
     ) -> Result<(Value, Source), ApiError> {
-        let row = if cache_only {
-            let row = creds::get(&self.db, user, provider.name)
+        let (status, checked_at, source) = if cache_only {
+            let row = creds::cached_status(&self.db, user, provider.name)
                 .await?
                 .ok_or_else(|| ApiError::NotFound("no credential for this user".into()))?;
-            Self::refuse_gone(&row)?;
-            (row, Source::Cache)
+            Self::refuse_state(
+                SyncState::parse(&row.sync_state).unwrap_or(SyncState::Synced),
+                row.rejection_status,
+                row.rejection_detail.as_deref(),
+            )?;
+            (row.status, row.checked_at, Source::Cache)
         } else {
-            self.read_through(provider, user, actor).await?
+            let (row, source) = self.read_through(provider, user, actor).await?;
+            (row.status, row.checked_at, source)
         };
-        let (row, source) = row;
         Ok((
             json!({
-                "status": row.status,
-                "checkedAt": row.checked_at.map(crate::timefmt::format),
+                "status": status,
+                "checkedAt": checked_at.map(crate::timefmt::format),
             }),
             source,
         ))

@@ -63,6 +63,31 @@ pub async fn get(
     .await
 }
 
+/// What `/status?source=cache` needs of a row, and nothing more.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CachedStatus {
+    pub sync_state: String,
+    pub status: Option<String>,
+    pub checked_at: Option<OffsetDateTime>,
+    pub rejection_status: Option<i32>,
+    pub rejection_detail: Option<String>,
+}
+
+pub async fn cached_status(
+    pool: &PgPool,
+    user: Uuid,
+    provider: &str,
+) -> Result<Option<CachedStatus>, sqlx::Error> {
+    sqlx::query_as(
+        "select sync_state, status, checked_at, rejection_status, rejection_detail
+         from credential where leaf_user_id = $1 and provider = $2",
+    )
+    .bind(user)
+    .bind(provider)
+    .fetch_optional(pool)
+    .await
+}
+
 pub async fn get_by_leaf_id(
     pool: &PgPool,
     leaf_credential_id: Uuid,
@@ -323,8 +348,8 @@ pub async fn store_leaf_state(
 }
 
 /// Leaf took a create the request path queued (`PENDING_UPSTREAM`): mark the row SYNCED with
-/// Leaf's answer, record the status, drop the outbox entry and write the audit entry, in one
-/// statement. `None` when the row is no longer pending (the worker delivered it, or a delete
+/// Leaf's answer (and the secrets resealed with what Leaf added, when `leaf.sealed`), record
+/// the status, drop the outbox entry and write the audit entry, in one statement. `None` when the row is no longer pending (the worker delivered it, or a delete
 /// came in between): the caller then takes the general path.
 pub async fn settle_create(
     pool: &PgPool,
@@ -334,11 +359,7 @@ pub async fn settle_create(
     actor: &str,
     request_id: &str,
 ) -> Result<Option<CredentialRow>, sqlx::Error> {
-    debug_assert!(
-        leaf.sealed.is_none(),
-        "a resealed answer takes the general path"
-    );
-    sqlx::query_as::<_, CredentialRow>(sqlx::AssertSqlSafe(format!(
+    let row = sqlx::query_as::<_, CredentialRow>(sqlx::AssertSqlSafe(format!(
         "with cur as (
              select status from credential
              where leaf_user_id = $1 and provider = $2 and sync_state = 'PENDING_UPSTREAM' for update),
@@ -351,6 +372,9 @@ pub async fn settle_create(
                  changed_at = case when $4 is not null and $4 is distinct from cur.status then now() else c.changed_at end,
                  created_time = coalesce($5, c.created_time),
                  public_fields = c.public_fields || $6,
+                 key_id = coalesce($9, c.key_id),
+                 wrapped_key = coalesce($10, c.wrapped_key),
+                 secrets = coalesce($11, c.secrets),
                  rejection_status = null,
                  rejection_detail = null
              from cur where c.leaf_user_id = $1 and c.provider = $2
@@ -375,8 +399,15 @@ pub async fn settle_create(
     .bind(Json(leaf.public))
     .bind(actor)
     .bind(request_id)
+    .bind(leaf.sealed.map(|s| s.key_id.as_str()))
+    .bind(leaf.sealed.map(|s| s.wrapped_key.as_slice()))
+    .bind(leaf.sealed.map(|s| s.secrets.as_slice()))
     .fetch_optional(pool)
-    .await
+    .await?;
+    if let (Some(_), Some(sealed)) = (&row, leaf.sealed) {
+        count_encryption(&sealed.key_id);
+    }
+    Ok(row)
 }
 
 async fn finish_refresh(
@@ -452,6 +483,30 @@ pub async fn touch_checked(pool: &PgPool, user: Uuid, provider: &str) -> Result<
         .bind(provider)
         .execute(pool)
         .await?;
+    Ok(())
+}
+
+/// Set `checked_at` of many SYNCED credentials in one statement (the request path's touches,
+/// batched). Rows are locked in key order, so two replicas flushing at once cannot deadlock.
+pub async fn touch_checked_many(
+    pool: &PgPool,
+    touches: &[(Uuid, &str, OffsetDateTime)],
+) -> Result<(), sqlx::Error> {
+    let mut sorted: Vec<_> = touches.iter().collect();
+    sorted.sort_unstable_by_key(|(u, p, _)| (*u, *p));
+    let users: Vec<Uuid> = sorted.iter().map(|t| t.0).collect();
+    let providers: Vec<&str> = sorted.iter().map(|t| t.1).collect();
+    let ats: Vec<OffsetDateTime> = sorted.iter().map(|t| t.2).collect();
+    sqlx::query(
+        "update credential c set checked_at = greatest(c.checked_at, t.at)
+         from unnest($1::uuid[], $2::text[], $3::timestamptz[]) as t(u, p, at)
+         where c.leaf_user_id = t.u and c.provider = t.p and c.sync_state = 'SYNCED'",
+    )
+    .bind(users)
+    .bind(providers)
+    .bind(ats)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

@@ -41,6 +41,24 @@ async fn create_forwards_to_leaf_and_answers_201_with_redacted_secrets() {
         count("select count(*) from credential where leaf_user_id = $1 and sync_state = 'SYNCED' and checked_at is not null and changed_at is not null and leaf_credential_id is not null").await,
         1
     );
+    // ... in one statement after Leaf answered: one transaction time for all of it.
+    assert_eq!(
+        count("select count(*) from credential c
+               join audit a on a.leaf_user_id = c.leaf_user_id and a.action = 'credential.create' and a.at = c.checked_at
+               join status_history h on h.leaf_user_id = c.leaf_user_id and h.at = c.checked_at
+               where c.leaf_user_id = $1").await,
+        1
+    );
+    // The secrets Leaf added (accessToken) are stored with the ones sent: with Leaf down, the
+    // local copy reveals them.
+    app.fault(json!({"fixedStatus": 503, "method": "GET"}))
+        .await;
+    let r = app.get(user, "credentials:read credentials:reveal").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credsync-source"], "cache");
+    let cached: Value = r.json().await.unwrap();
+    assert_eq!(cached["accessToken"], leaf["accessToken"]);
+    assert_eq!(cached["clientSecret"], "client-secret-aaaa1111bbbb");
 }
 
 #[tokio::test]
@@ -117,6 +135,68 @@ async fn delete_shreds_locally_and_at_leaf_then_404s() {
         "not-found",
     )
     .await;
+}
+
+#[tokio::test]
+async fn an_unchanged_forwarded_read_moves_the_cached_checked_at_and_nothing_else() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    assert_eq!(
+        app.create(user, &body("cid", "touch0000000"))
+            .await
+            .status(),
+        201
+    );
+    let path = format!(
+        "/services/usermanagement/api/users/{user}/climate-field-view-credentials/status?source=cache"
+    );
+    let cached = || async {
+        let v: Value = app
+            .get_path(&path, "status:read")
+            .await
+            .json()
+            .await
+            .unwrap();
+        let at = v["checkedAt"].as_str().unwrap().to_owned();
+        time::OffsetDateTime::parse(&at, &time::format_description::well_known::Rfc3339).unwrap()
+    };
+    let first = cached().await;
+    let updated_before = app
+        .count_for(
+            "select count(*) from credential where leaf_user_id = $1 and changed_at is not null",
+            user,
+        )
+        .await;
+    // Refreshes are written at most once a second per credential.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    for _ in 0..5 {
+        assert_eq!(app.get(user, "credentials:read").await.status(), 200);
+    }
+    wait_until(
+        "the cached checkedAt to move",
+        std::time::Duration::from_secs(5),
+        || async { cached().await > first },
+    )
+    .await;
+    let later = cached().await;
+    assert!(later - first >= time::Duration::SECOND, "{first} → {later}");
+    // Still OK, no status change recorded.
+    assert_eq!(
+        app.count_for(
+            "select count(*) from status_history where leaf_user_id = $1",
+            user
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        app.count_for(
+            "select count(*) from credential where leaf_user_id = $1 and changed_at is not null",
+            user
+        )
+        .await,
+        updated_before
+    );
 }
 
 #[tokio::test]
