@@ -325,20 +325,14 @@ impl Gateway {
             && same
         {
             // Nothing to write but `checkedAt`, at most once a second per credential: batched
-            // off the request path, written by the worker's sync right away.
+            // off the request path; a sync sets it when it releases the credential.
             let now = time::OffsetDateTime::now_utc();
-            if row
-                .checked_at
-                .is_none_or(|t| now - t > time::Duration::SECOND)
+            if !matches!(source, StatusSource::Sync)
+                && row
+                    .checked_at
+                    .is_none_or(|t| now - t > time::Duration::SECOND)
             {
-                match source {
-                    StatusSource::Request => self.touches.add(user, provider.name, now),
-                    StatusSource::Sync | StatusSource::Alert => {
-                        if let Err(e) = creds::touch_checked(&self.db, user, provider.name).await {
-                            tracing::debug!(error = %e, "could not refresh checked_at");
-                        }
-                    }
-                }
+                self.touches.add(user, provider.name, now);
             }
             let mut row = row.clone();
             row.checked_at = Some(now);

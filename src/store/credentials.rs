@@ -476,16 +476,6 @@ async fn insert_history(
     Ok(())
 }
 
-/// Record that Leaf was just asked about a credential and had nothing new to say.
-pub async fn touch_checked(pool: &PgPool, user: Uuid, provider: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("update credential set checked_at = now() where leaf_user_id = $1 and provider = $2 and sync_state = 'SYNCED'")
-        .bind(user)
-        .bind(provider)
-        .execute(pool)
-        .await?;
-    Ok(())
-}
-
 /// Set `checked_at` of many SYNCED credentials in one statement (the request path's touches,
 /// batched). Rows are locked in key order, so two replicas flushing at once cannot deadlock.
 pub async fn touch_checked_many(

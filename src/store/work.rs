@@ -120,7 +120,8 @@ pub async fn claim_one(
     Ok(r.rows_affected() == 1)
 }
 
-/// Release a credential after a sync attempt; it is next due after `next_in`.
+/// Release a credential after a sync attempt; it is next due after `next_in`. A successful
+/// attempt (Leaf answered) also moves `checked_at`.
 pub async fn finish_sync(
     pool: &PgPool,
     owner: &str,
@@ -132,7 +133,8 @@ pub async fn finish_sync(
     sqlx::query(
         "update credential set lease_owner = null, lease_until = null,
              next_sync_at = now() + make_interval(secs => $4),
-             sync_failures = case when $5 then sync_failures + 1 else 0 end
+             sync_failures = case when $5 then sync_failures + 1 else 0 end,
+             checked_at = case when not $5 and sync_state = 'SYNCED' then greatest(checked_at, now()) else checked_at end
          where leaf_user_id = $2 and provider = $3 and lease_owner = $1",
     )
     .bind(owner)

@@ -63,6 +63,31 @@ async fn a_status_flip_at_leaf_reaches_the_cache_and_the_history_after_a_sync() 
     assert_eq!(n, 1);
     // Events were fetched too.
     assert!(app.count("select count(*) from event").await >= 1);
+    // Later syncs find nothing new: only checkedAt moves.
+    let checked = || async {
+        sqlx::query_scalar::<_, time::OffsetDateTime>(
+            "select checked_at from credential where leaf_user_id = $1",
+        )
+        .bind(user)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+    };
+    let before = checked().await;
+    wait_until(
+        "a sync to move checkedAt",
+        Duration::from_secs(10),
+        || async { checked().await > before },
+    )
+    .await;
+    assert_eq!(
+        app.count_for(
+            "select count(*) from status_history where leaf_user_id = $1",
+            user
+        )
+        .await,
+        2
+    );
 }
 
 #[tokio::test]
