@@ -36,22 +36,30 @@ pub fn parse_strict(s: &str) -> Option<OffsetDateTime> {
 }
 
 /// The canonical form: RFC 3339, UTC, microseconds. (A page of the `/v1` lists formats
-/// hundreds of these: integer formatting is several times cheaper than a format description.)
+/// hundreds of these: digits written into a fixed buffer cost a fraction of `fmt`.)
 pub fn format(t: OffsetDateTime) -> String {
     let t = t.checked_to_offset(UtcOffset::UTC).unwrap_or(t);
-    let year = t.year();
-    if !(0..=9999).contains(&year) {
+    let Ok(year) = u32::try_from(t.year()) else {
+        return format_described(t);
+    };
+    if year > 9999 {
         return format_described(t);
     }
-    format!(
-        "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
-    )
+    let mut b = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, u32::from(u8::from(t.month())));
+    put(8, 2, u32::from(t.day()));
+    put(11, 2, u32::from(t.hour()));
+    put(14, 2, u32::from(t.minute()));
+    put(17, 2, u32::from(t.second()));
+    put(20, 6, t.microsecond());
+    b.iter().map(|&c| char::from(c)).collect()
 }
 
 fn format_described(t: OffsetDateTime) -> String {
