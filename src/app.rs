@@ -1,6 +1,7 @@
 //! Assembling the service: pool, migrations, key checks, Leaf client, HTTP server, sync worker.
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
@@ -70,6 +71,7 @@ impl Application {
         let pools = PoolSplit::new(settings.db_max_connections, opts.http.then_some(workers));
         let (gateway, keys) =
             Self::build_gateway_checked(&settings, opts.migrate, pools.background).await?;
+        let keys_checked = Arc::new(AtomicBool::new(keys == KeyCheck::Passed));
         let key_failure = match keys {
             KeyCheck::Passed => None,
             KeyCheck::Deferred => {
@@ -77,6 +79,7 @@ impl Application {
                 tokio::spawn(deferred_key_check(
                     gateway.db.clone(),
                     gateway.keyring.clone(),
+                    keys_checked.clone(),
                     tx,
                 ));
                 Some(rx)
@@ -91,6 +94,7 @@ impl Application {
             max_body_bytes: settings.max_body_bytes,
             webhook_secret: settings.webhook_secret.clone(),
             caller_limiter: http::CallerLimiter::new(settings.caller_rps).map(Arc::new),
+            keys_checked,
         });
         let port = listener.local_addr()?.port();
         let server = if opts.http {
@@ -322,11 +326,13 @@ async fn check_keys(db: &sqlx::PgPool, keyring: &Keyring) -> anyhow::Result<KeyC
 }
 
 /// The key check of a start-up that found Postgres unreachable: retried until Postgres answers.
-/// A refusal is sent to `refused` (which stops the service); other errors (e.g. migrations not
+/// A pass sets `passed` (`/readyz` waits for it); a refusal is sent to `refused` (which stops
+/// the service); other errors (e.g. migrations not
 /// applied yet) are logged and retried. Ends when the application is gone.
 async fn deferred_key_check(
     db: sqlx::PgPool,
     keyring: Arc<Keyring>,
+    passed: Arc<AtomicBool>,
     refused: tokio::sync::oneshot::Sender<StartupError>,
 ) {
     let mut delay = Duration::from_millis(250);
@@ -336,6 +342,7 @@ async fn deferred_key_check(
         match check_keys(&db, &keyring).await {
             Ok(KeyCheck::Passed) => {
                 tracing::info!("database reachable: the configured encryption keys match");
+                passed.store(true, Ordering::Release);
                 return;
             }
             Ok(KeyCheck::Deferred) => {}

@@ -38,6 +38,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub webhook_secret: Option<SecretString>,
     pub caller_limiter: Option<Arc<extract::CallerLimiter>>,
+    /// Whether the stored data was checked against the configured keys (deferred when Postgres
+    /// was down at start-up); not ready until it was.
+    pub keys_checked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The Prometheus recorder, installed once per process.

@@ -35,11 +35,13 @@ async fn readyz(st: web::Data<AppState>) -> HttpResponse {
         crate::leaf::AuthHealth::Rejected => Some(false),
         crate::leaf::AuthHealth::Unknown => None,
     };
-    let ready = database == "ok" && migrations == "applied";
+    let keys_checked = st.keys_checked.load(std::sync::atomic::Ordering::Acquire);
+    let ready = database == "ok" && migrations == "applied" && keys_checked;
     let body = json!({
         "status": if ready { "ok" } else { "unavailable" },
         "database": database,
         "migrations": migrations,
+        "encryptionKeys": if keys_checked { "checked" } else { "pending" },
         "leaf": {
             "reachable": !leaf.breaker().is_open(),
             "authenticated": authenticated,

@@ -838,6 +838,20 @@ async fn a_key_check_deferred_by_an_outage_runs_when_postgres_returns() {
     })
     .await;
     assert_revealed_at(&client, &address, user).await;
+    wait_until(
+        "/readyz to say the keys were checked",
+        Duration::from_secs(10),
+        || async {
+            let Ok(r) = client.get(format!("{address}/readyz")).send().await else {
+                return false;
+            };
+            r.status() == 200
+                && r.json::<Value>()
+                    .await
+                    .is_ok_and(|v| v["encryptionKeys"] == "checked")
+        },
+    )
+    .await;
     assert!(good.try_wait().unwrap().is_none(), "still serving");
     good.start_kill().unwrap();
     good.wait().await.unwrap();
@@ -848,10 +862,34 @@ async fn a_key_check_deferred_by_an_outage_runs_when_postgres_returns() {
     let (mut bad, address) = serve_no_migrate(pg.url(), format!("{KEY_A}:{}", key_b64(0x77)), &log);
     wait_healthy(&mut bad, &address).await;
     pg.restart().await.unwrap();
+    // Until the check has run, the process is not ready, although Postgres answers.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let poller = tokio::spawn({
+        let (client, address, seen) = (client.clone(), address.clone(), seen.clone());
+        async move {
+            loop {
+                if let Ok(r) = client.get(format!("{address}/readyz")).send().await {
+                    let status = r.status().as_u16();
+                    let body: Value = r.json().await.unwrap_or_default();
+                    seen.lock()
+                        .unwrap()
+                        .push((status, body["encryptionKeys"].clone()));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
     let status = tokio::time::timeout(Duration::from_secs(20), bad.wait())
         .await
         .expect("stops once the key check runs")
         .unwrap();
+    poller.abort();
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter().all(|(s, keys)| *s == 503 && keys == "pending"),
+        "{seen:?}"
+    );
     let stderr = std::fs::read_to_string(&log).unwrap();
     let _ = std::fs::remove_file(&log);
     assert_eq!(status.code(), Some(2), "{stderr}");
