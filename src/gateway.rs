@@ -210,6 +210,19 @@ fn echo_matches(held: &SecretFields, echoed: &SecretFields) -> bool {
     })
 }
 
+impl LeafCredential {
+    /// What is stored of this answer, with the secrets resealed when `sealed`.
+    fn state<'a>(&'a self, sealed: Option<&'a crate::crypto::Sealed>) -> LeafState<'a> {
+        LeafState {
+            leaf_credential_id: self.id,
+            status: self.status.as_deref(),
+            created_time: self.created_time,
+            public: &self.public,
+            sealed,
+        }
+    }
+}
+
 /// Whether Leaf's answer says nothing new about a SYNCED row (status, ids, public fields).
 fn unchanged(row: &CredentialRow, leaf: &LeafCredential) -> bool {
     row.state() == SyncState::Synced
@@ -269,13 +282,13 @@ impl Gateway {
         provider: &Provider,
         user: Uuid,
         stored: Option<&SecretFields>,
-        echoed: SecretFields,
+        echoed: &SecretFields,
     ) -> Result<Option<crate::crypto::Sealed>, ApiError> {
-        let unchanged = stored.is_some_and(|s| echo_matches(s, &echoed));
+        let unchanged = stored.is_some_and(|s| echo_matches(s, echoed));
         if unchanged || (stored.is_none() && echoed.0.is_empty()) {
             return Ok(None);
         }
-        self.seal(provider, user, &merge(stored, &echoed)).map(Some)
+        self.seal(provider, user, &merge(stored, echoed)).map(Some)
     }
 
     fn seal(
@@ -319,7 +332,7 @@ impl Gateway {
             None => None,
         };
         let same = existing.is_some_and(|row| unchanged(row, &leaf));
-        let sealed = self.reseal(provider, user, stored.as_ref(), leaf.secrets)?;
+        let sealed = self.reseal(provider, user, stored.as_ref(), &leaf.secrets)?;
         if let Some(row) = existing
             && sealed.is_none()
             && same
@@ -338,13 +351,7 @@ impl Gateway {
             row.checked_at = Some(now);
             return Ok(Some(row));
         }
-        let state = LeafState {
-            leaf_credential_id: leaf.id,
-            status: leaf.status.as_deref(),
-            created_time: leaf.created_time,
-            public: &leaf.public,
-            sealed: sealed.as_ref(),
-        };
+        let state = leaf.state(sealed.as_ref());
         let Some(refreshed) =
             creds::store_leaf_state(&self.db, user, provider.name, &state, source).await?
         else {
@@ -431,13 +438,15 @@ impl Gateway {
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("cannot seal: {e}")))?;
         match creds::insert_pending(
             &self.db,
-            user,
-            provider.name,
-            &body.public,
-            &sealed,
-            actor.sub,
-            actor.request_id,
-            self.outbox_grace,
+            &creds::NewCredential {
+                user,
+                provider: provider.name,
+                public: &body.public,
+                sealed: &sealed,
+                actor: actor.sub,
+                request_id: actor.request_id,
+                grace: self.outbox_grace,
+            },
         )
         .await?
         {
@@ -470,18 +479,11 @@ impl Gateway {
                     .as_ref()
                     .map(|m| self.seal(provider, user, m))
                     .transpose()?;
-                let state = LeafState {
-                    leaf_credential_id: leaf.id,
-                    status: leaf.status.as_deref(),
-                    created_time: leaf.created_time,
-                    public: &leaf.public,
-                    sealed: sealed.as_ref(),
-                };
                 if let Some(row) = creds::settle_create(
                     &self.db,
                     user,
                     provider.name,
-                    &state,
+                    &leaf.state(sealed.as_ref()),
                     actor.sub,
                     actor.request_id,
                 )

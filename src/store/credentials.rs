@@ -109,21 +109,25 @@ pub enum CreateConflict {
     DeletePending,
 }
 
-/// Store a new credential as PENDING_UPSTREAM together with its outbox entry, in one transaction.
-/// A REJECTED predecessor is replaced. `grace` keeps the worker off the entry while the request
-/// path forwards it itself.
-pub async fn insert_pending(
-    pool: &PgPool,
-    user: Uuid,
-    provider: &str,
-    public: &serde_json::Map<String, serde_json::Value>,
-    sealed: &Sealed,
-    actor: &str,
-    request_id: &str,
-    grace: std::time::Duration,
-) -> Result<Result<i64, CreateConflict>, sqlx::Error> {
-    // The common case, a user without a credential: one statement, one round trip.
-    let fresh: Option<i64> = sqlx::query_scalar(
+/// What a create stores before Leaf is called.
+pub struct NewCredential<'a> {
+    pub user: Uuid,
+    pub provider: &'a str,
+    pub public: &'a serde_json::Map<String, serde_json::Value>,
+    pub sealed: &'a Sealed,
+    pub actor: &'a str,
+    pub request_id: &'a str,
+    /// How long the request path owns the outbox entry before the worker may take it.
+    pub grace: std::time::Duration,
+}
+
+/// Insert the PENDING_UPSTREAM row and its outbox entry in one statement; `None` (nothing
+/// written) when a row exists for the user and provider.
+async fn insert_fresh<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    new: &NewCredential<'_>,
+) -> Result<Option<i64>, sqlx::Error> {
+    let id = sqlx::query_scalar(
         "with ins as (
              insert into credential (leaf_user_id, provider, sync_state, public_fields, key_id, wrapped_key, secrets)
              values ($1, $2, 'PENDING_UPSTREAM', $3, $4, $5, $6) on conflict do nothing
@@ -132,19 +136,30 @@ pub async fn insert_pending(
          select leaf_user_id, provider, 'create', now() + make_interval(secs => $7), $8, $9 from ins
          returning id",
     )
-    .bind(user)
-    .bind(provider)
-    .bind(Json(public))
-    .bind(&sealed.key_id)
-    .bind(&sealed.wrapped_key)
-    .bind(&sealed.secrets)
-    .bind(grace.as_secs_f64())
-    .bind(request_id)
-    .bind(actor)
-    .fetch_optional(pool)
+    .bind(new.user)
+    .bind(new.provider)
+    .bind(Json(new.public))
+    .bind(&new.sealed.key_id)
+    .bind(&new.sealed.wrapped_key)
+    .bind(&new.sealed.secrets)
+    .bind(new.grace.as_secs_f64())
+    .bind(new.request_id)
+    .bind(new.actor)
+    .fetch_optional(db)
     .await?;
-    if let Some(id) = fresh {
-        count_encryption(&sealed.key_id);
+    if id.is_some() {
+        count_encryption(&new.sealed.key_id);
+    }
+    Ok(id)
+}
+
+/// Store a new credential as PENDING_UPSTREAM together with its outbox entry (one statement
+/// when the user has none). A REJECTED predecessor is replaced.
+pub async fn insert_pending(
+    pool: &PgPool,
+    new: &NewCredential<'_>,
+) -> Result<Result<i64, CreateConflict>, sqlx::Error> {
+    if let Some(id) = insert_fresh(pool, new).await? {
         return Ok(Ok(id));
     }
     // A row is there: find out why, replacing a REJECTED one.
@@ -152,15 +167,15 @@ pub async fn insert_pending(
     let existing: Option<String> = sqlx::query_scalar(
         "select sync_state from credential where leaf_user_id = $1 and provider = $2 for update",
     )
-    .bind(user)
-    .bind(provider)
+    .bind(new.user)
+    .bind(new.provider)
     .fetch_optional(&mut *tx)
     .await?;
     match existing.as_deref() {
         Some("REJECTED") => {
             sqlx::query("delete from credential where leaf_user_id = $1 and provider = $2")
-                .bind(user)
-                .bind(provider)
+                .bind(new.user)
+                .bind(new.provider)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -168,35 +183,11 @@ pub async fn insert_pending(
         Some(_) => return Ok(Err(CreateConflict::Exists)),
         None => {}
     }
-    let inserted = sqlx::query(
-        "insert into credential (leaf_user_id, provider, sync_state, public_fields, key_id, wrapped_key, secrets)
-         values ($1, $2, 'PENDING_UPSTREAM', $3, $4, $5, $6) on conflict do nothing",
-    )
-    .bind(user)
-    .bind(provider)
-    .bind(Json(public))
-    .bind(&sealed.key_id)
-    .bind(&sealed.wrapped_key)
-    .bind(&sealed.secrets)
-    .execute(&mut *tx)
-    .await?;
-    if inserted.rows_affected() == 0 {
+    let Some(id) = insert_fresh(&mut *tx, new).await? else {
         return Ok(Err(CreateConflict::Exists));
-    }
-    let outbox_id: i64 = sqlx::query_scalar(
-        "insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
-         values ($1, $2, 'create', now() + make_interval(secs => $3), $4, $5) returning id",
-    )
-    .bind(user)
-    .bind(provider)
-    .bind(grace.as_secs_f64())
-    .bind(request_id)
-    .bind(actor)
-    .fetch_one(&mut *tx)
-    .await?;
-    count_encryption(&sealed.key_id);
+    };
     tx.commit().await?;
-    Ok(Ok(outbox_id))
+    Ok(Ok(id))
 }
 
 /// Encryptions counted since the last flush, per key id. Counting in memory keeps a hot row

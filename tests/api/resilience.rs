@@ -602,13 +602,11 @@ async fn assert_db_unavailable(resp: reqwest::Response) {
     assert!(retry_after.parse::<u64>().unwrap() >= 1, "{retry_after}");
 }
 
-#[tokio::test]
-async fn a_postgres_outage_answers_503_and_the_same_process_recovers_by_itself() {
-    let started = Instant::now();
-    let mut pg = TempPostgres::start().await.unwrap();
-    let app = spawn_app_with(
+/// The app with its sync worker (every second) on the given database.
+async fn spawn_with_worker(db_url: &str) -> TestApp {
+    spawn_app_with(
         AppOptions {
-            db_url: Some(pg.url().to_owned()),
+            db_url: Some(db_url.to_owned()),
             run: RunOptions {
                 http: true,
                 sync: true,
@@ -618,7 +616,14 @@ async fn a_postgres_outage_answers_503_and_the_same_process_recovers_by_itself()
         }
         .env("CREDSYNC_SYNC_INTERVAL_SECS", "1"),
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_postgres_outage_answers_503_and_the_same_process_recovers_by_itself() {
+    let started = Instant::now();
+    let mut pg = TempPostgres::start().await.unwrap();
+    let app = spawn_with_worker(pg.url()).await;
     let user = Uuid::new_v4();
     assert_eq!(app.create(user, &body_for(user)).await.status(), 201);
     assert_revealed(&app, user).await;
@@ -709,19 +714,7 @@ async fn a_postgres_outage_answers_503_and_the_same_process_recovers_by_itself()
 #[tokio::test]
 async fn a_sync_cut_off_by_a_database_outage_does_not_park_the_credential_for_a_lease() {
     let mut pg = TempPostgres::start().await.unwrap();
-    let app = spawn_app_with(
-        AppOptions {
-            db_url: Some(pg.url().to_owned()),
-            run: RunOptions {
-                http: true,
-                sync: true,
-                migrate: true,
-            },
-            ..AppOptions::default()
-        }
-        .env("CREDSYNC_SYNC_INTERVAL_SECS", "1"),
-    )
-    .await;
+    let app = spawn_with_worker(pg.url()).await;
     let user = Uuid::new_v4();
     assert_eq!(app.create(user, &body_for(user)).await.status(), 201);
     let leaf = Leaf::new(&app.sim_url);
