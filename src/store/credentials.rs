@@ -338,10 +338,12 @@ pub async fn store_leaf_state(
     finish_refresh(tx, user, provider, leaf, old_status, adopted, source).await
 }
 
-/// Leaf took a create the request path queued (`PENDING_UPSTREAM`): mark the row SYNCED with
-/// Leaf's answer (and the secrets resealed with what Leaf added, when `leaf.sealed`), record
-/// the status, drop the outbox entry and write the audit entry, in one statement. `None` when the row is no longer pending (the worker delivered it, or a delete
-/// came in between): the caller then takes the general path.
+/// Leaf took a create the request path queued: mark the row SYNCED with Leaf's answer (and the
+/// secrets resealed with what Leaf added, when `leaf.sealed`), record the first status, drop
+/// the outbox entry and write the audit entry, in one statement. Only a row still
+/// `PENDING_UPSTREAM` without a status (as `insert_fresh` writes it) is settled here, so the
+/// history's `from_status` is null; `None` otherwise (the worker delivered it, a delete came in
+/// between): the caller then takes the general path.
 pub async fn settle_create(
     pool: &PgPool,
     user: Uuid,
@@ -351,16 +353,13 @@ pub async fn settle_create(
     request_id: &str,
 ) -> Result<Option<CredentialRow>, sqlx::Error> {
     let row = sqlx::query_as::<_, CredentialRow>(sqlx::AssertSqlSafe(format!(
-        "with cur as (
-             select status from credential
-             where leaf_user_id = $1 and provider = $2 and sync_state = 'PENDING_UPSTREAM' for update),
-         upd as (
+        "with upd as (
              update credential c set
                  sync_state = 'SYNCED',
                  leaf_credential_id = coalesce($3, c.leaf_credential_id),
-                 status = coalesce($4, c.status),
+                 status = $4,
                  checked_at = now(),
-                 changed_at = case when $4 is not null and $4 is distinct from cur.status then now() else c.changed_at end,
+                 changed_at = case when $4 is not null then now() else c.changed_at end,
                  created_time = coalesce($5, c.created_time),
                  public_fields = c.public_fields || $6,
                  key_id = coalesce($9, c.key_id),
@@ -368,12 +367,12 @@ pub async fn settle_create(
                  secrets = coalesce($11, c.secrets),
                  rejection_status = null,
                  rejection_detail = null
-             from cur where c.leaf_user_id = $1 and c.provider = $2
-             returning c.*, cur.status as old_status),
+             where c.leaf_user_id = $1 and c.provider = $2
+               and c.sync_state = 'PENDING_UPSTREAM' and c.status is null
+             returning c.*),
          history as (
              insert into status_history (leaf_user_id, provider, from_status, to_status, source)
-             select $1, $2, old_status, $4, 'request' from upd
-             where $4 is not null and $4 is distinct from old_status),
+             select $1, $2, null, $4, 'request' from upd where $4 is not null),
          outbox_done as (
              delete from outbox where leaf_user_id = $1 and provider = $2 and op = 'create'
              and exists (select 1 from upd)),
