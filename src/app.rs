@@ -327,8 +327,8 @@ async fn check_keys(db: &sqlx::PgPool, keyring: &Keyring) -> anyhow::Result<KeyC
 
 /// The key check of a start-up that found Postgres unreachable: retried until Postgres answers.
 /// A pass sets `passed` (`/readyz` waits for it); a refusal is sent to `refused` (which stops
-/// the service); other errors (e.g. migrations not
-/// applied yet) are logged and retried. Ends when the application is gone.
+/// the service); other errors (e.g. migrations not applied yet) are logged and retried. Ends
+/// when the application is gone.
 async fn deferred_key_check(
     db: sqlx::PgPool,
     keyring: Arc<Keyring>,
