@@ -5,32 +5,16 @@
 //! Prints one line: `{"iterations": n, "sealUs": a, "openUs": b, "sealOpenUs": c}`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use credsync::crypto::{Binding, Keyring, SecretFields};
-use secrecy::SecretString;
+use credsync::crypto::Binding;
 
 fn main() -> anyhow::Result<()> {
-    let keyring = Keyring::parse(
-        &format!("bench:{}", credsync::crypto::generate_key_b64().as_str()),
-        None,
-        None,
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut secrets = SecretFields::default();
-    secrets.insert(
-        "clientSecret",
-        SecretString::from("bench-client-secret-0123456789abcdef"),
-    );
-    secrets.insert(
-        "apiKey",
-        SecretString::from("bench-api-key-0123456789abcdef"),
-    );
-    secrets.insert(
-        "refreshToken",
-        SecretString::from("bench-refresh-token-0123456789abcdef"),
-    );
+    let keyring = common::keyring()?;
+    let secrets = common::secrets();
     let user = uuid::Uuid::new_v4();
     let binding = Binding {
         leaf_user_id: &user,

@@ -8,12 +8,13 @@
 //! Point `DATABASE_URL` at a scratch database with credsync's schema: it inserts random users.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use credsync::crypto::{Binding, Keyring, SecretFields};
-use secrecy::SecretString;
+use credsync::crypto::Binding;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::types::Json;
 
@@ -40,25 +41,8 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     // The same fields scripts/bench posts to credsync.
-    let keyring = Keyring::parse(
-        &format!("bench:{}", credsync::crypto::generate_key_b64().as_str()),
-        None,
-        None,
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut secrets = SecretFields::default();
-    secrets.insert(
-        "clientSecret",
-        SecretString::from("bench-client-secret-0123456789abcdef"),
-    );
-    secrets.insert(
-        "apiKey",
-        SecretString::from("bench-api-key-0123456789abcdef"),
-    );
-    secrets.insert(
-        "refreshToken",
-        SecretString::from("bench-refresh-token-0123456789abcdef"),
-    );
+    let keyring = common::keyring()?;
+    let secrets = common::secrets();
     let user0 = uuid::Uuid::new_v4();
     let sealed = keyring
         .seal(

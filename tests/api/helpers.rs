@@ -274,9 +274,9 @@ impl TestApp {
             .unwrap();
     }
 
-    /// Requests the simulator saw, as (method, path) pairs.
-    pub async fn sim_requests(&self) -> Vec<(String, String)> {
-        let v: Value = self
+    /// Every request the simulator logged (`method`, `path`, `status`, `requestId`, ...).
+    pub async fn sim_request_log(&self) -> Vec<Value> {
+        let mut v: Value = self
             .client
             .get(format!("{}/__sim/requests", self.sim_url))
             .send()
@@ -285,9 +285,16 @@ impl TestApp {
             .json()
             .await
             .unwrap();
-        v["requests"]
-            .as_array()
-            .unwrap()
+        match v["requests"].take() {
+            Value::Array(requests) => requests,
+            other => panic!("the simulator's request log is not an array: {other}"),
+        }
+    }
+
+    /// Requests the simulator saw, as (method, path) pairs.
+    pub async fn sim_requests(&self) -> Vec<(String, String)> {
+        self.sim_request_log()
+            .await
             .iter()
             .map(|r| {
                 (

@@ -148,19 +148,9 @@ async fn a_callers_request_id_is_kept_and_sent_to_leaf_and_a_bad_one_replaced() 
         .await
         .unwrap();
     assert_eq!(r.headers()["x-request-id"], "caller-id.42");
-    let v: serde_json::Value = app
-        .client
-        .get(format!("{}/__sim/requests", app.sim_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     assert!(
-        v["requests"]
-            .as_array()
-            .unwrap()
+        app.sim_request_log()
+            .await
             .iter()
             .any(|r| r["requestId"] == "caller-id.42")
     );

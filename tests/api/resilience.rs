@@ -223,14 +223,7 @@ async fn keys_in_use(app: &TestApp) -> HashMap<String, i64> {
 async fn rotation_rewraps_everything_resumably_and_the_old_key_can_be_retired() {
     let started = Instant::now();
     let db_url = crate::db::fresh_database_url().await;
-    let old = spawn_app_with(
-        AppOptions {
-            db_url: Some(db_url.clone()),
-            ..AppOptions::default()
-        }
-        .env("CREDSYNC_ENCRYPTION_KEYS", key_a()),
-    )
-    .await;
+    let old = spawn_app_with(keyed(&db_url, key_a())).await;
     let users: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
     for u in &users {
         assert_eq!(old.create(*u, &body_for(*u)).await.status(), 201);
@@ -375,17 +368,10 @@ async fn rotation_rewraps_everything_resumably_and_the_old_key_can_be_retired() 
 
     // Both keys configured, the old one retired: the same.
     let retired = spawn_app_with(
-        AppOptions {
-            db_url: Some(db_url.clone()),
-            ..AppOptions::default()
-        }
-        .env(
-            "CREDSYNC_ENCRYPTION_KEYS",
-            format!("{},{}", key_a(), key_b()),
-        )
-        .env("CREDSYNC_ACTIVE_KEY_ID", KEY_B)
-        .env("CREDSYNC_MIN_DECRYPTION_KEY_ID", KEY_B)
-        .env("LEAF_API_URL", leaf_url),
+        keyed(&db_url, format!("{},{}", key_a(), key_b()))
+            .env("CREDSYNC_ACTIVE_KEY_ID", KEY_B)
+            .env("CREDSYNC_MIN_DECRYPTION_KEY_ID", KEY_B)
+            .env("LEAF_API_URL", leaf_url),
     )
     .await;
     leaf.fault(json!({"fixedStatus": 503})).await;
@@ -428,14 +414,7 @@ async fn serve_refuses(db_url: &str, keys: String) -> String {
 #[tokio::test]
 async fn serve_refuses_to_start_when_stored_data_needs_a_key_it_does_not_have() {
     let db_url = crate::db::fresh_database_url().await;
-    let app = spawn_app_with(
-        AppOptions {
-            db_url: Some(db_url.clone()),
-            ..AppOptions::default()
-        }
-        .env("CREDSYNC_ENCRYPTION_KEYS", key_a()),
-    )
-    .await;
+    let app = spawn_app_with(keyed(&db_url, key_a())).await;
     let user = Uuid::new_v4();
     assert_eq!(app.create(user, &body_for(user)).await.status(), 201);
     app.stop().await;
@@ -447,14 +426,7 @@ async fn serve_refuses_to_start_when_stored_data_needs_a_key_it_does_not_have() 
     let err = serve_refuses(&db_url, format!("{KEY_A}:{}", key_b64(0x77))).await;
     assert!(err.contains(KEY_A) && err.contains("do not match"), "{err}");
     // Nothing was changed by the refusals: the right key still starts and reads.
-    let again = spawn_app_with(
-        AppOptions {
-            db_url: Some(db_url),
-            ..AppOptions::default()
-        }
-        .env("CREDSYNC_ENCRYPTION_KEYS", key_a()),
-    )
-    .await;
+    let again = spawn_app_with(keyed(&db_url, key_a())).await;
     Leaf::new(&again.sim_url)
         .fault(json!({"fixedStatus": 503}))
         .await;
@@ -465,14 +437,7 @@ async fn serve_refuses_to_start_when_stored_data_needs_a_key_it_does_not_have() 
 async fn rotating_while_serve_runs_loses_nothing_and_leaves_nothing_behind() {
     let started = Instant::now();
     let db_url = crate::db::fresh_database_url().await;
-    let old = spawn_app_with(
-        AppOptions {
-            db_url: Some(db_url.clone()),
-            ..AppOptions::default()
-        }
-        .env("CREDSYNC_ENCRYPTION_KEYS", key_a()),
-    )
-    .await;
+    let old = spawn_app_with(keyed(&db_url, key_a())).await;
     let before: Vec<Uuid> = (0..30).map(|_| Uuid::new_v4()).collect();
     for u in &before {
         assert_eq!(old.create(*u, &body_for(*u)).await.status(), 201);
@@ -557,15 +522,8 @@ async fn rotating_while_serve_runs_loses_nothing_and_leaves_nothing_behind() {
     );
 
     // The old key retired: every credential, old and new, reads back from the local copy.
-    let retired = spawn_app_with(
-        AppOptions {
-            db_url: Some(db_url.clone()),
-            ..AppOptions::default()
-        }
-        .env("CREDSYNC_ENCRYPTION_KEYS", key_b())
-        .env("LEAF_API_URL", old.sim_url.clone()),
-    )
-    .await;
+    let retired =
+        spawn_app_with(keyed(&db_url, key_b()).env("LEAF_API_URL", old.sim_url.clone())).await;
     Leaf::new(&old.sim_url)
         .fault(json!({"fixedStatus": 503}))
         .await;
@@ -600,6 +558,15 @@ async fn assert_db_unavailable(resp: reqwest::Response) {
     assert_problem(resp, 503, "database-unavailable").await;
     let retry_after = retry_after.expect("Retry-After");
     assert!(retry_after.parse::<u64>().unwrap() >= 1, "{retry_after}");
+}
+
+/// Options for an app on `db_url` with these `CREDSYNC_ENCRYPTION_KEYS`.
+fn keyed(db_url: &str, keys: String) -> AppOptions {
+    AppOptions {
+        db_url: Some(db_url.to_owned()),
+        ..AppOptions::default()
+    }
+    .env("CREDSYNC_ENCRYPTION_KEYS", keys)
 }
 
 /// The app with its sync worker (every second) on the given database.
@@ -802,14 +769,7 @@ async fn wait_healthy(child: &mut tokio::process::Child, address: &str) {
 async fn a_key_check_deferred_by_an_outage_runs_when_postgres_returns() {
     let started = Instant::now();
     let mut pg = TempPostgres::start().await.unwrap();
-    let app = spawn_app_with(
-        AppOptions {
-            db_url: Some(pg.url().to_owned()),
-            ..AppOptions::default()
-        }
-        .env("CREDSYNC_ENCRYPTION_KEYS", key_a()),
-    )
-    .await;
+    let app = spawn_app_with(keyed(pg.url(), key_a())).await;
     let user = Uuid::new_v4();
     assert_eq!(app.create(user, &body_for(user)).await.status(), 201);
     app.stop().await;

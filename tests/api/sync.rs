@@ -131,18 +131,9 @@ async fn writes_queued_while_leaf_was_down_are_delivered_when_it_returns() {
     assert!(app.leaf_state(doomed).await.is_none());
     assert_eq!(app.count("select count(*) from outbox").await, 0);
     // Exactly one successful create reached Leaf for the queued user.
-    let v: Value = app
-        .client
-        .get(format!("{}/__sim/requests", app.sim_url))
-        .send()
+    let ok_posts = app
+        .sim_request_log()
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ok_posts = v["requests"]
-        .as_array()
-        .unwrap()
         .iter()
         .filter(|r| {
             r["method"] == "POST"
@@ -334,18 +325,9 @@ async fn two_workers_on_one_database_sync_each_user_once_per_interval() {
         assert!((2..=3).contains(n), "{p} fetched {n} times");
     }
     // Both replicas did part of the work (the request id names the worker that sent it).
-    let v: Value = first
-        .client
-        .get(format!("{}/__sim/requests", first.sim_url))
-        .send()
+    let workers: std::collections::HashSet<String> = first
+        .sim_request_log()
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let workers: std::collections::HashSet<String> = v["requests"]
-        .as_array()
-        .unwrap()
         .iter()
         .filter_map(|r| r["requestId"].as_str())
         .filter(|id| id.starts_with("sync."))
