@@ -38,13 +38,24 @@ pub fn parse_strict(s: &str) -> Option<OffsetDateTime> {
 /// The canonical form: RFC 3339, UTC, microseconds. (A page of the `/v1` lists formats
 /// hundreds of these: digits written into a fixed buffer cost a fraction of `fmt`.)
 pub fn format(t: OffsetDateTime) -> String {
-    let t = t.checked_to_offset(UtcOffset::UTC).unwrap_or(t);
-    let Ok(year) = u32::try_from(t.year()) else {
-        return format_described(t);
-    };
-    if year > 9999 {
-        return format_described(t);
+    with_canonical(t, str::to_owned)
+}
+
+/// Call `f` with the canonical form, borrowed from a stack buffer where the fast path applies.
+fn with_canonical<R>(t: OffsetDateTime, f: impl FnOnce(&str) -> R) -> R {
+    let fast = canonical_bytes(t);
+    match fast.as_ref().map(|b| std::str::from_utf8(b)) {
+        Some(Ok(s)) => f(s),
+        _ => f(&format_described(t)),
     }
+}
+
+/// The canonical form in a fixed buffer, for years 0000–9999 (`None` outside them).
+fn canonical_bytes(t: OffsetDateTime) -> Option<[u8; 27]> {
+    let t = t.checked_to_offset(UtcOffset::UTC).unwrap_or(t);
+    let (year, month, day) = t.to_calendar_date();
+    let year = u32::try_from(year).ok().filter(|y| *y <= 9999)?;
+    let (hour, minute, second, micro) = t.to_hms_micro();
     let mut b = *b"0000-00-00T00:00:00.000000Z";
     let mut put = |at: usize, width: usize, mut v: u32| {
         for i in (at..at + width).rev() {
@@ -53,13 +64,23 @@ pub fn format(t: OffsetDateTime) -> String {
         }
     };
     put(0, 4, year);
-    put(5, 2, u32::from(u8::from(t.month())));
-    put(8, 2, u32::from(t.day()));
-    put(11, 2, u32::from(t.hour()));
-    put(14, 2, u32::from(t.minute()));
-    put(17, 2, u32::from(t.second()));
-    put(20, 6, t.microsecond());
-    b.iter().map(|&c| char::from(c)).collect()
+    put(5, 2, u32::from(u8::from(month)));
+    put(8, 2, u32::from(day));
+    put(11, 2, u32::from(hour));
+    put(14, 2, u32::from(minute));
+    put(17, 2, u32::from(second));
+    put(20, 6, micro);
+    Some(b)
+}
+
+/// A timestamp that serializes in the canonical form without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Canonical(pub OffsetDateTime);
+
+impl serde::Serialize for Canonical {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        with_canonical(self.0, |c| s.serialize_str(c))
+    }
 }
 
 fn format_described(t: OffsetDateTime) -> String {
@@ -75,7 +96,7 @@ pub mod rfc3339 {
     use time::OffsetDateTime;
 
     pub fn serialize<S: Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::format(*t))
+        serde::Serialize::serialize(&super::Canonical(*t), s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
@@ -90,10 +111,7 @@ pub mod rfc3339_opt {
     use time::OffsetDateTime;
 
     pub fn serialize<S: Serializer>(t: &Option<OffsetDateTime>, s: S) -> Result<S::Ok, S::Error> {
-        match t {
-            Some(t) => s.serialize_str(&super::format(*t)),
-            None => s.serialize_none(),
-        }
+        serde::Serialize::serialize(&t.map(super::Canonical), s)
     }
 }
 
@@ -159,6 +177,10 @@ mod props {
             let off = UtcOffset::from_whole_seconds(offset_mins * 60).unwrap();
             if let Some(local) = t.checked_to_offset(off) {
                 prop_assert_eq!(format(local), format_described(t));
+                prop_assert_eq!(
+                    serde_json::to_string(&Canonical(local)).unwrap(),
+                    format!("\"{}\"", format_described(t))
+                );
             }
         }
 

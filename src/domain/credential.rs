@@ -30,6 +30,15 @@ impl fmt::Display for LeafUserId {
     }
 }
 
+/// The credential statuses Leaf documents (a credential may also have none yet, shown as
+/// `UNKNOWN`; Leaf may add others, which credsync stores as they come).
+pub const LEAF_STATUSES: [&str; 4] = [
+    "OK",
+    "UNAUTHENTICATED",
+    "MISSING_PERMISSION",
+    "TEMPORARILY_UNAVAILABLE",
+];
+
 /// credsync's own view of where a credential stands with Leaf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncState {

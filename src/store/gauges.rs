@@ -1,6 +1,8 @@
 //! Gauges computed from the database at scrape time.
 use sqlx::PgPool;
 
+use crate::domain::credential::LEAF_STATUSES;
+
 /// Refresh `credsync_credentials{status}`, `credsync_outbox_pending` and `credsync_sync_lag_seconds`.
 pub async fn refresh(pool: &PgPool) -> Result<(), sqlx::Error> {
     let by_status: Vec<(Option<String>, i64)> = sqlx::query_as(
@@ -8,13 +10,7 @@ pub async fn refresh(pool: &PgPool) -> Result<(), sqlx::Error> {
     )
     .fetch_all(pool)
     .await?;
-    for known in [
-        "OK",
-        "UNAUTHENTICATED",
-        "MISSING_PERMISSION",
-        "TEMPORARILY_UNAVAILABLE",
-        "UNKNOWN",
-    ] {
+    for known in LEAF_STATUSES.into_iter().chain(["UNKNOWN"]) {
         metrics::gauge!("credsync_credentials", "status" => known).set(0.0);
     }
     for (status, n) in by_status {

@@ -4,14 +4,22 @@
 //! Every list is keyset-paginated on its sort key (never `OFFSET`): a page starts strictly
 //! after the sort key of the previous page's last row, so rows inserted meanwhile never shift
 //! the rows that already existed. Each list function fetches `limit + 1` rows to tell whether
-//! another page follows. Dynamic `where` clauses are assembled from constant fragments with
-//! every value bound (`QueryBuilder::push_bind`), never formatted into the SQL.
+//! another page follows. Dynamic `where` clauses are assembled by [`List`] from constant
+//! fragments; values are bound, never formatted into the SQL, except two kinds that cannot
+//! carry SQL: an integer, and a constant of a closed set (a known status, a sync state).
 //!
-//! The list statements are not kept as named prepared statements (`persistent(false)`): an
-//! unnamed statement is planned with the actual values, so e.g. a narrow `changedSince` uses
-//! the `changed_at` index instead of a generic plan that walks the primary key over the whole
-//! table. The shapes vary with the filters anyway, and planning costs well under a millisecond.
-use sqlx::{PgPool, Postgres, QueryBuilder};
+//! Why those two are written in: a statement whose plan cannot depend on its bound values
+//! (only keys remain bound: a user, a cursor) is kept prepared on its connection, so Postgres
+//! parses and plans it once per connection instead of on every request (at 10^6 credentials
+//! planning a page cost about as much as running it, plus a round trip). A statement with a
+//! value the best plan depends on (a time bound, a free-form string) is sent unnamed instead
+//! and planned with the actual values each time: e.g. a narrow `changedSince` then uses the
+//! `changed_at` index rather than a generic plan that walks the primary key over the table.
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Postgres, QueryBuilder, Row};
+
+use crate::domain::SyncState;
+use crate::domain::credential::LEAF_STATUSES;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -35,28 +43,91 @@ fn fetch_limit(limit: u32) -> i64 {
     i64::from(limit) + 1
 }
 
-/// Run an assembled list query (ending in `limit fetch_limit(limit)`) unnamed, as one page.
-async fn fetch_page<T>(
-    mut q: QueryBuilder<Postgres>,
-    pool: &PgPool,
-    limit: u32,
-) -> Result<Page<T>, sqlx::Error>
-where
-    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
-{
-    let rows = q
-        .build_query_as::<T>()
-        .persistent(false)
-        .fetch_all(pool)
-        .await?;
-    Ok(Page::from_rows(rows, limit))
+/// A list statement being assembled (see the module documentation for what is bound).
+struct List {
+    q: QueryBuilder<Postgres>,
+    /// A bound value can change the best plan: send the statement unnamed, planned each time.
+    replan: bool,
+}
+
+impl List {
+    fn new(select: &'static str) -> List {
+        List {
+            q: QueryBuilder::new(select),
+            replan: false,
+        }
+    }
+
+    fn sql(&mut self, fragment: &'static str) -> &mut List {
+        self.q.push(fragment);
+        self
+    }
+
+    /// A key (a user, a cursor position): bound; the plan does not depend on it.
+    fn key<'t, T>(&mut self, value: T) -> &mut List
+    where
+        T: sqlx::Encode<'t, Postgres> + sqlx::Type<Postgres>,
+    {
+        self.q.push_bind(value);
+        self
+    }
+
+    /// A value the best plan depends on (a time bound, a free-form string): bound, and the
+    /// statement is planned with it.
+    fn value<'t, T>(&mut self, value: T) -> &mut List
+    where
+        T: sqlx::Encode<'t, Postgres> + sqlx::Type<Postgres>,
+    {
+        self.replan = true;
+        self.q.push_bind(value);
+        self
+    }
+
+    /// One of credsync's own constants (capitals and underscores), written in as a literal.
+    fn constant(&mut self, value: &'static str) -> &mut List {
+        assert!(
+            value.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'),
+            "not a constant: {value:?}"
+        );
+        self.q.push("'").push(value).push("'");
+        self
+    }
+
+    /// A string compared with the column: written in when it is one of `known`, bound as a
+    /// plan-deciding value otherwise.
+    fn text(&mut self, value: &str, known: &[&'static str]) -> &mut List {
+        match known.iter().find(|k| **k == value) {
+            Some(k) => self.constant(k),
+            None => self.value(value.to_owned()),
+        }
+    }
+
+    fn int(&mut self, value: i64) -> &mut List {
+        self.q.push(value);
+        self
+    }
+
+    /// Run it (with `limit fetch_limit(limit)` appended) as one page.
+    async fn page<T>(mut self, pool: &PgPool, limit: u32) -> Result<Page<T>, sqlx::Error>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        self.q.push(" limit ").push(fetch_limit(limit));
+        let rows = self
+            .q
+            .build_query_as::<T>()
+            .persistent(!self.replan)
+            .fetch_all(pool)
+            .await?;
+        Ok(Page::from_rows(rows, limit))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // credentials
 
 /// A tracked credential as `/v1/credentials` lists it (no secret columns are read).
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct CredentialItem {
     pub leaf_user_id: Uuid,
     pub provider: String,
@@ -68,6 +139,29 @@ pub struct CredentialItem {
     pub rejection_detail: Option<String>,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
+}
+
+/// The select list [`CredentialItem`] is decoded from, in its order.
+const CREDENTIAL_ITEM: &str = "select leaf_user_id, provider, status, checked_at, changed_at, \
+     sync_state, rejection_status, rejection_detail, created_at, updated_at from credential";
+
+// The list rows are decoded by position (`derive(FromRow)` looks every column up by name, in
+// every row: a fifth of a page's CPU).
+impl<'r> sqlx::FromRow<'r, PgRow> for CredentialItem {
+    fn from_row(r: &'r PgRow) -> Result<Self, sqlx::Error> {
+        Ok(CredentialItem {
+            leaf_user_id: r.try_get(0)?,
+            provider: r.try_get(1)?,
+            status: r.try_get(2)?,
+            checked_at: r.try_get(3)?,
+            changed_at: r.try_get(4)?,
+            sync_state: r.try_get(5)?,
+            rejection_status: r.try_get(6)?,
+            rejection_detail: r.try_get(7)?,
+            created_at: r.try_get(8)?,
+            updated_at: r.try_get(9)?,
+        })
+    }
 }
 
 /// The `status` filter of `/v1/credentials`.
@@ -83,8 +177,7 @@ pub enum StatusFilter {
 #[derive(Debug, Clone, Default)]
 pub struct CredentialFilter {
     pub status: Option<StatusFilter>,
-    /// One of `SYNCED`, `PENDING_UPSTREAM`, `REJECTED` (validated by the caller).
-    pub sync_state: Option<&'static str>,
+    pub sync_state: Option<SyncState>,
     /// `changed_at >= changed_since`.
     pub changed_since: Option<OffsetDateTime>,
 }
@@ -97,36 +190,36 @@ pub async fn credentials(
     after: Option<&(Uuid, String)>,
     limit: u32,
 ) -> Result<Page<CredentialItem>, sqlx::Error> {
-    let mut q = QueryBuilder::<Postgres>::new(
-        "select leaf_user_id, provider, status, checked_at, changed_at, sync_state, \
-         rejection_status, rejection_detail, created_at, updated_at \
-         from credential where sync_state <> 'DELETE_PENDING'",
-    );
+    credentials_query(filter, after).page(pool, limit).await
+}
+
+fn credentials_query(filter: &CredentialFilter, after: Option<&(Uuid, String)>) -> List {
+    let mut q = List::new(CREDENTIAL_ITEM);
+    q.sql(" where sync_state <> 'DELETE_PENDING'");
     match &filter.status {
         Some(StatusFilter::Is(s)) => {
-            q.push(" and status = ").push_bind(s.as_str());
+            q.sql(" and status = ").text(s, &LEAF_STATUSES);
         }
         Some(StatusFilter::Unknown) => {
-            q.push(" and status is null");
+            q.sql(" and status is null");
         }
         None => {}
     }
     if let Some(s) = filter.sync_state {
-        q.push(" and sync_state = ").push_bind(s);
+        q.sql(" and sync_state = ").constant(s.as_str());
     }
     if let Some(t) = filter.changed_since {
-        q.push(" and changed_at >= ").push_bind(t);
+        q.sql(" and changed_at >= ").value(t);
     }
     if let Some((user, provider)) = after {
-        q.push(" and (leaf_user_id, provider) > (")
-            .push_bind(*user)
-            .push(", ")
-            .push_bind(provider.as_str())
-            .push(")");
+        q.sql(" and (leaf_user_id, provider) > (")
+            .key(*user)
+            .sql(", ")
+            .key(provider.as_str())
+            .sql(")");
     }
-    q.push(" order by leaf_user_id, provider limit ")
-        .push_bind(fetch_limit(limit));
-    fetch_page(q, pool, limit).await
+    q.sql(" order by leaf_user_id, provider");
+    q
 }
 
 /// One group of the summary: how many credentials have this status and sync state.
@@ -201,27 +294,26 @@ pub async fn status_history(
     after: Option<(OffsetDateTime, i64)>,
     limit: u32,
 ) -> Result<Page<Transition>, sqlx::Error> {
-    let mut q = QueryBuilder::<Postgres>::new(
+    let mut q = List::new(
         "select id, provider, from_status, to_status, at, source from status_history where leaf_user_id = ",
     );
-    q.push_bind(user);
+    q.key(user);
     if let Some((at, id)) = after {
-        q.push(" and (at, id) < (")
-            .push_bind(at)
-            .push(", ")
-            .push_bind(id)
-            .push(")");
+        q.sql(" and (at, id) < (")
+            .key(at)
+            .sql(", ")
+            .key(id)
+            .sql(")");
     }
-    q.push(" order by at desc, id desc limit ")
-        .push_bind(fetch_limit(limit));
-    fetch_page(q, pool, limit).await
+    q.sql(" order by at desc, id desc");
+    q.page(pool, limit).await
 }
 
 // ---------------------------------------------------------------------------------------------
 // events
 
 /// A cached event with the credential it belongs to.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct EventItem {
     pub leaf_user_id: Uuid,
     pub provider: String,
@@ -230,6 +322,24 @@ pub struct EventItem {
     pub status_code: i32,
     pub headers: String,
     pub body: String,
+}
+
+/// The select list [`EventItem`] is decoded from, in its order.
+const EVENT_ITEM: &str =
+    "select leaf_user_id, provider, id, created_date, status_code, headers, body from event";
+
+impl<'r> sqlx::FromRow<'r, PgRow> for EventItem {
+    fn from_row(r: &'r PgRow) -> Result<Self, sqlx::Error> {
+        Ok(EventItem {
+            leaf_user_id: r.try_get(0)?,
+            provider: r.try_get(1)?,
+            id: r.try_get(2)?,
+            created_date: r.try_get(3)?,
+            status_code: r.try_get(4)?,
+            headers: r.try_get(5)?,
+            body: r.try_get(6)?,
+        })
+    }
 }
 
 /// Filters of `/v1/events` (combined with AND).
@@ -257,38 +367,40 @@ pub async fn events(
     after: Option<&EventKey>,
     limit: u32,
 ) -> Result<Page<EventItem>, sqlx::Error> {
-    let mut q = QueryBuilder::<Postgres>::new(
-        "select leaf_user_id, provider, id, created_date, status_code, headers, body from event where true",
-    );
+    events_query(filter, after).page(pool, limit).await
+}
+
+fn events_query(filter: &EventFilter, after: Option<&EventKey>) -> List {
+    let mut q = List::new(EVENT_ITEM);
+    q.sql(" where true");
     if let Some(u) = filter.leaf_user_id {
-        q.push(" and leaf_user_id = ").push_bind(u);
+        q.sql(" and leaf_user_id = ").key(u);
     }
     if let Some(t) = filter.since {
-        q.push(" and created_date >= ").push_bind(t);
+        q.sql(" and created_date >= ").value(t);
     }
     if let Some(t) = filter.until {
-        q.push(" and created_date < ").push_bind(t);
+        q.sql(" and created_date < ").value(t);
     }
     if let Some(c) = filter.status_code {
-        q.push(" and status_code = ").push_bind(c);
+        q.sql(" and status_code = ").int(c.into());
     }
     if let Some(c) = filter.min_status_code {
-        q.push(" and status_code >= ").push_bind(c);
+        q.sql(" and status_code >= ").int(c.into());
     }
     if let Some((created, id, user, provider)) = after {
-        q.push(" and (created_date, id, leaf_user_id, provider) < (")
-            .push_bind(*created)
-            .push(", ")
-            .push_bind(id.as_str())
-            .push(", ")
-            .push_bind(*user)
-            .push(", ")
-            .push_bind(provider.as_str())
-            .push(")");
+        q.sql(" and (created_date, id, leaf_user_id, provider) < (")
+            .key(*created)
+            .sql(", ")
+            .key(id.as_str())
+            .sql(", ")
+            .key(*user)
+            .sql(", ")
+            .key(provider.as_str())
+            .sql(")");
     }
-    q.push(" order by created_date desc, id desc, leaf_user_id desc, provider desc limit ")
-        .push_bind(fetch_limit(limit));
-    fetch_page(q, pool, limit).await
+    q.sql(" order by created_date desc, id desc, leaf_user_id desc, provider desc");
+    q
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -326,29 +438,107 @@ pub async fn audit(
     after: Option<(OffsetDateTime, i64)>,
     limit: u32,
 ) -> Result<Page<AuditItem>, sqlx::Error> {
-    let mut q = QueryBuilder::<Postgres>::new(
+    let mut q = List::new(
         "select id, at, actor, action, leaf_user_id, provider, outcome, request_id, detail from audit where true",
     );
     if let Some(u) = filter.leaf_user_id {
-        q.push(" and leaf_user_id = ").push_bind(u);
+        q.sql(" and leaf_user_id = ").key(u);
     }
     if let Some(a) = &filter.actor {
-        q.push(" and actor = ").push_bind(a.as_str());
+        q.sql(" and actor = ").value(a.as_str());
     }
     if let Some(a) = &filter.action {
-        q.push(" and action = ").push_bind(a.as_str());
+        q.sql(" and action = ").value(a.as_str());
     }
     if let Some(t) = filter.since {
-        q.push(" and at >= ").push_bind(t);
+        q.sql(" and at >= ").value(t);
     }
     if let Some((at, id)) = after {
-        q.push(" and (at, id) < (")
-            .push_bind(at)
-            .push(", ")
-            .push_bind(id)
-            .push(")");
+        q.sql(" and (at, id) < (")
+            .key(at)
+            .sql(", ")
+            .key(id)
+            .sql(")");
     }
-    q.push(" order by at desc, id desc limit ")
-        .push_bind(fetch_limit(limit));
-    fetch_page(q, pool, limit).await
+    q.sql(" order by at desc, id desc");
+    q.page(pool, limit).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sql(q: &List) -> String {
+        q.q.sql().as_str().to_owned()
+    }
+
+    #[test]
+    fn a_known_status_is_written_in_and_the_statement_is_kept_prepared() {
+        let filter = CredentialFilter {
+            status: Some(StatusFilter::Is("UNAUTHENTICATED".into())),
+            sync_state: Some(SyncState::Synced),
+            ..CredentialFilter::default()
+        };
+        let q = credentials_query(&filter, None);
+        assert!(!q.replan);
+        assert!(
+            sql(&q).contains(" and status = 'UNAUTHENTICATED' and sync_state = 'SYNCED'"),
+            "{}",
+            sql(&q)
+        );
+        // A cursor is a key: bound, and the statement stays prepared.
+        let q = credentials_query(&filter, Some(&(Uuid::nil(), "climate-field-view".into())));
+        assert!(!q.replan);
+        assert!(
+            sql(&q).contains("(leaf_user_id, provider) > ($1, $2)"),
+            "{}",
+            sql(&q)
+        );
+    }
+
+    #[test]
+    fn any_other_status_or_a_time_bound_is_bound_and_planned_with_its_value() {
+        for status in ["SOMETHING_NEW", "OK'; drop table credential; --", "ok", ""] {
+            let filter = CredentialFilter {
+                status: Some(StatusFilter::Is(status.into())),
+                ..CredentialFilter::default()
+            };
+            let q = credentials_query(&filter, None);
+            assert!(q.replan, "{status:?}");
+            assert!(sql(&q).contains(" and status = $1"), "{}", sql(&q));
+            assert!(!sql(&q).contains("drop"), "{}", sql(&q));
+        }
+        let filter = CredentialFilter {
+            changed_since: Some(OffsetDateTime::UNIX_EPOCH),
+            ..CredentialFilter::default()
+        };
+        assert!(credentials_query(&filter, None).replan);
+    }
+
+    #[test]
+    fn status_codes_are_written_in_and_time_bounds_bound() {
+        let filter = EventFilter {
+            min_status_code: Some(400),
+            leaf_user_id: Some(Uuid::nil()),
+            ..EventFilter::default()
+        };
+        let q = events_query(&filter, None);
+        assert!(!q.replan);
+        assert!(
+            sql(&q).contains("leaf_user_id = $1 and status_code >= 400"),
+            "{}",
+            sql(&q)
+        );
+        let filter = EventFilter {
+            since: Some(OffsetDateTime::UNIX_EPOCH),
+            ..EventFilter::default()
+        };
+        assert!(events_query(&filter, None).replan);
+    }
+
+    #[test]
+    #[should_panic(expected = "not a constant")]
+    fn a_constant_with_anything_but_capitals_is_refused() {
+        List::new(CREDENTIAL_ITEM).constant("OK' or '1'='1");
+    }
 }

@@ -396,6 +396,13 @@ async fn credentials_list_filters_by_status_sync_state_and_changed_since() {
         ids(&[&old_broken, &new_broken])
     );
     assert_eq!(list("status=SOMETHING_NEW").await, ids(&[&odd]));
+    // A status outside the known ones is bound, never written into the SQL.
+    assert!(
+        list("status=OK%27%3B%20drop%20table%20credential%3B--")
+            .await
+            .is_empty()
+    );
+    assert_eq!(list("status=OK").await, ids(&[&ok]));
     assert_eq!(
         list("status=UNKNOWN").await,
         ids(&[&pending, &rejected]),
