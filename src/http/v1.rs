@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::ContentType;
-use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine as _;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -25,7 +25,7 @@ use crate::domain::{LeafUserId, Scope, SyncState};
 use crate::error::ApiError;
 use crate::store::credentials::{self as creds, StatusSource};
 use crate::store::query::{
-    self, AuditFilter, CredentialFilter, EventFilter, EventKey, Page, StatusFilter,
+    self, AuditFilter, CredentialFilter, EventFilter, EventKey, PageEnd, StatusFilter,
 };
 use crate::timefmt::Canonical;
 use crate::{cursor, timefmt};
@@ -213,41 +213,64 @@ fn canonical(t: Option<OffsetDateTime>) -> Option<Canonical> {
     t.map(Canonical)
 }
 
-/// `{"items": [...], "nextCursor": ...}`.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct PageOut<T> {
-    items: Vec<T>,
-    next_cursor: Option<String>,
+/// A page's body, `{"items": [...], "nextCursor": ...}`, written item by item as the rows
+/// arrive from Postgres: no list of rows is collected first, and the items borrow from their
+/// row instead of copying it.
+struct PageBody {
+    buf: Vec<u8>,
+    items: usize,
+    failed: Option<serde_json::Error>,
 }
 
-fn page_response<R, T: Serialize, K: Serialize>(
-    keyring: &Keyring,
-    route: &str,
-    filters: &str,
-    page: Page<R>,
-    key: impl Fn(&R) -> K,
-    item: impl Fn(R) -> T,
-) -> HttpResponse {
-    let next_cursor = match (page.more, page.rows.last()) {
-        (true, Some(last)) => Some(cursor::encode(keyring, route, filters, &key(last))),
-        _ => None,
-    };
-    let rows = page.rows.len();
-    let body = PageOut {
-        items: page.rows.into_iter().map(item).collect(),
-        next_cursor,
-    };
-    // Sized for a typical item up front: a page of a hundred would otherwise be copied through
-    // a dozen reallocations.
-    let mut buf = Vec::with_capacity(256 * rows + 256);
-    match serde_json::to_writer(&mut buf, &body) {
-        Ok(()) => HttpResponse::Ok()
-            .content_type(ContentType::json())
-            .body(buf),
-        Err(e) => {
-            ApiError::Internal(anyhow::anyhow!("cannot serialize a page: {e}")).error_response()
+impl PageBody {
+    fn new(limit: u32) -> PageBody {
+        // Sized for a typical item up front: a page of a hundred would otherwise be copied
+        // through a dozen reallocations.
+        let mut buf = Vec::with_capacity(256 * limit as usize + 256);
+        buf.extend_from_slice(br#"{"items":["#);
+        PageBody {
+            buf,
+            items: 0,
+            failed: None,
         }
+    }
+
+    fn push(&mut self, item: &impl Serialize) {
+        if self.failed.is_some() {
+            return;
+        }
+        if self.items > 0 {
+            self.buf.push(b',');
+        }
+        self.items += 1;
+        if let Err(e) = serde_json::to_writer(&mut self.buf, item) {
+            self.failed = Some(e);
+        }
+    }
+
+    /// Close the body with the cursor of the next page (when more rows follow `end.last`).
+    fn finish<R, K: Serialize>(
+        mut self,
+        keyring: &Keyring,
+        route: &str,
+        filters: &str,
+        end: PageEnd<R>,
+        key: impl Fn(&R) -> K,
+    ) -> Result<HttpResponse, ApiError> {
+        let next_cursor = match (end.more, &end.last) {
+            (true, Some(last)) => Some(cursor::encode(keyring, route, filters, &key(last))),
+            _ => None,
+        };
+        self.buf.extend_from_slice(br#"],"nextCursor":"#);
+        let closed = match self.failed.take() {
+            Some(e) => Err(e),
+            None => serde_json::to_writer(&mut self.buf, &next_cursor),
+        };
+        closed.map_err(|e| ApiError::Internal(anyhow::anyhow!("cannot serialize a page: {e}")))?;
+        self.buf.push(b'}');
+        Ok(HttpResponse::Ok()
+            .content_type(ContentType::json())
+            .body(self.buf))
     }
 }
 
@@ -256,38 +279,38 @@ fn page_response<R, T: Serialize, K: Serialize>(
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct RejectionOut {
+struct RejectionOut<'a> {
     status: Option<i32>,
-    detail: Option<String>,
+    detail: Option<&'a str>,
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct CredentialOut {
+struct CredentialOut<'a> {
     leaf_user_id: Uuid,
-    provider: String,
-    status: Option<String>,
+    provider: &'a str,
+    status: Option<&'a str>,
     checked_at: Option<Canonical>,
     changed_at: Option<Canonical>,
-    sync_state: String,
-    rejection: Option<RejectionOut>,
+    sync_state: &'a str,
+    rejection: Option<RejectionOut<'a>>,
     created_at: Canonical,
     updated_at: Canonical,
 }
 
-impl From<query::CredentialItem> for CredentialOut {
-    fn from(r: query::CredentialItem) -> Self {
+impl<'a> From<&'a query::CredentialItem> for CredentialOut<'a> {
+    fn from(r: &'a query::CredentialItem) -> Self {
         let rejection = (r.sync_state == SyncState::Rejected.as_str()).then_some(RejectionOut {
             status: r.rejection_status,
-            detail: r.rejection_detail,
+            detail: r.rejection_detail.as_deref(),
         });
         CredentialOut {
             leaf_user_id: r.leaf_user_id,
-            provider: r.provider,
-            status: r.status,
+            provider: &r.provider,
+            status: r.status.as_deref(),
             checked_at: canonical(r.checked_at),
             changed_at: canonical(r.changed_at),
-            sync_state: r.sync_state,
+            sync_state: &r.sync_state,
             rejection,
             created_at: Canonical(r.created_at),
             updated_at: Canonical(r.updated_at),
@@ -339,15 +362,14 @@ async fn list_credentials(
     const ROUTE: &str = "v1.credentials";
     let keyring = &st.gateway.keyring;
     let after: Option<(Uuid, String)> = p.cursor(keyring, ROUTE, &filters)?;
-    let page = query::credentials(&st.gateway.db, &filter, after.as_ref(), limit).await?;
-    Ok(page_response(
-        keyring,
-        ROUTE,
-        &filters,
-        page,
-        |r| (r.leaf_user_id, r.provider.clone()),
-        CredentialOut::from,
-    ))
+    let mut body = PageBody::new(limit);
+    let end = query::credentials(&st.gateway.db, &filter, after.as_ref(), limit, |r| {
+        body.push(&CredentialOut::from(r))
+    })
+    .await?;
+    body.finish(keyring, ROUTE, &filters, end, |r| {
+        (r.leaf_user_id, r.provider.clone())
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -393,12 +415,12 @@ async fn summary(st: web::Data<AppState>, who: Authed) -> Result<HttpResponse, A
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct TransitionOut {
-    provider: String,
-    from: Option<String>,
-    to: String,
+struct TransitionOut<'a> {
+    provider: &'a str,
+    from: Option<&'a str>,
+    to: &'a str,
     at: Canonical,
-    source: String,
+    source: &'a str,
 }
 
 async fn status_history(
@@ -420,21 +442,18 @@ async fn status_history(
         .cursor::<(String, i64)>(keyring, ROUTE, &filters)?
         .map(|(at, id)| parse_ts_key(&at).map(|at| (at, id)))
         .transpose()?;
-    let page = query::status_history(&st.gateway.db, user, after, limit).await?;
-    Ok(page_response(
-        keyring,
-        ROUTE,
-        &filters,
-        page,
-        |r| (ts_key(r.at), r.id),
-        |r| TransitionOut {
-            provider: r.provider,
-            from: r.from_status,
-            to: r.to_status,
+    let mut body = PageBody::new(limit);
+    let end = query::status_history(&st.gateway.db, user, after, limit, |r| {
+        body.push(&TransitionOut {
+            provider: &r.provider,
+            from: r.from_status.as_deref(),
+            to: &r.to_status,
             at: Canonical(r.at),
-            source: r.source,
-        },
-    ))
+            source: &r.source,
+        })
+    })
+    .await?;
+    body.finish(keyring, ROUTE, &filters, end, |r| (ts_key(r.at), r.id))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -442,14 +461,14 @@ async fn status_history(
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct EventOut {
+struct EventOut<'a> {
     leaf_user_id: Uuid,
-    provider: String,
-    id: String,
+    provider: &'a str,
+    id: &'a str,
     created_date: Canonical,
     status_code: i32,
-    headers: String,
-    body: String,
+    headers: &'a str,
+    body: &'a str,
 }
 
 async fn list_events(
@@ -481,30 +500,27 @@ async fn list_events(
         .cursor::<(String, String, Uuid, String)>(keyring, ROUTE, &filters)?
         .map(|(at, id, user, provider)| parse_ts_key(&at).map(|at| (at, id, user, provider)))
         .transpose()?;
-    let page = query::events(&st.gateway.db, &filter, after.as_ref(), limit).await?;
-    Ok(page_response(
-        keyring,
-        ROUTE,
-        &filters,
-        page,
-        |r| {
-            (
-                ts_key(r.created_date),
-                r.id.clone(),
-                r.leaf_user_id,
-                r.provider.clone(),
-            )
-        },
-        |r| EventOut {
+    let mut body = PageBody::new(limit);
+    let end = query::events(&st.gateway.db, &filter, after.as_ref(), limit, |r| {
+        body.push(&EventOut {
             leaf_user_id: r.leaf_user_id,
-            provider: r.provider,
-            id: r.id,
+            provider: &r.provider,
+            id: &r.id,
             created_date: Canonical(r.created_date),
             status_code: r.status_code,
-            headers: r.headers,
-            body: r.body,
-        },
-    ))
+            headers: &r.headers,
+            body: &r.body,
+        })
+    })
+    .await?;
+    body.finish(keyring, ROUTE, &filters, end, |r| {
+        (
+            ts_key(r.created_date),
+            r.id.clone(),
+            r.leaf_user_id,
+            r.provider.clone(),
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -512,16 +528,16 @@ async fn list_events(
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct AuditOut {
+struct AuditOut<'a> {
     id: String,
     at: Canonical,
-    actor: String,
-    action: String,
+    actor: &'a str,
+    action: &'a str,
     leaf_user_id: Option<Uuid>,
-    provider: Option<String>,
-    outcome: String,
-    request_id: Option<String>,
-    detail: Option<String>,
+    provider: Option<&'a str>,
+    outcome: &'a str,
+    request_id: Option<&'a str>,
+    detail: Option<&'a str>,
 }
 
 async fn list_audit(
@@ -569,25 +585,22 @@ async fn list_audit(
         .cursor::<(String, i64)>(keyring, ROUTE, &filters)?
         .map(|(at, id)| parse_ts_key(&at).map(|at| (at, id)))
         .transpose()?;
-    let page = query::audit(&st.gateway.db, &filter, after, limit).await?;
-    Ok(page_response(
-        keyring,
-        ROUTE,
-        &filters,
-        page,
-        |r| (ts_key(r.at), r.id),
-        |r| AuditOut {
+    let mut body = PageBody::new(limit);
+    let end = query::audit(&st.gateway.db, &filter, after, limit, |r| {
+        body.push(&AuditOut {
             id: r.id.to_string(),
             at: Canonical(r.at),
-            actor: r.actor,
-            action: r.action,
+            actor: &r.actor,
+            action: &r.action,
             leaf_user_id: r.leaf_user_id,
-            provider: r.provider,
-            outcome: r.outcome,
-            request_id: r.request_id,
-            detail: r.detail,
-        },
-    ))
+            provider: r.provider.as_deref(),
+            outcome: &r.outcome,
+            request_id: r.request_id.as_deref(),
+            detail: r.detail.as_deref(),
+        })
+    })
+    .await?;
+    body.finish(keyring, ROUTE, &filters, end, |r| (ts_key(r.at), r.id))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@
 //! value the best plan depends on (a time bound, a free-form string) is sent unnamed instead
 //! and planned with the actual values each time: e.g. a narrow `changedSince` then uses the
 //! `changed_at` index rather than a generic plan that walks the primary key over the table.
+use futures_util::TryStreamExt;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 
@@ -23,20 +24,12 @@ use crate::domain::credential::LEAF_STATUSES;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// One page of rows and whether more follow.
+/// How a page ended: its last row (whose sort key makes the next page's cursor) and whether
+/// more rows follow. The rows themselves went to the caller one by one, as they arrived.
 #[derive(Debug)]
-pub struct Page<T> {
-    pub rows: Vec<T>,
+pub struct PageEnd<T> {
+    pub last: Option<T>,
     pub more: bool,
-}
-
-impl<T> Page<T> {
-    fn from_rows(mut rows: Vec<T>, limit: u32) -> Page<T> {
-        let limit = limit as usize;
-        let more = rows.len() > limit;
-        rows.truncate(limit);
-        Page { rows, more }
-    }
 }
 
 fn fetch_limit(limit: u32) -> i64 {
@@ -107,19 +100,39 @@ impl List {
         self
     }
 
-    /// Run it (with `limit fetch_limit(limit)` appended) as one page.
-    async fn page<T>(mut self, pool: &PgPool, limit: u32) -> Result<Page<T>, sqlx::Error>
+    /// Run it (with `limit fetch_limit(limit)` appended) as one page, handing each of its
+    /// rows to `each` as it arrives: the caller writes a row out while Postgres still sends the
+    /// next ones. The extra row only tells that more follow.
+    async fn page<T>(
+        mut self,
+        pool: &PgPool,
+        limit: u32,
+        mut each: impl FnMut(&T),
+    ) -> Result<PageEnd<T>, sqlx::Error>
     where
-        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+        T: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
     {
         self.q.push(" limit ").push(fetch_limit(limit));
-        let rows = self
+        let mut rows = self
             .q
             .build_query_as::<T>()
             .persistent(!self.replan)
-            .fetch_all(pool)
-            .await?;
-        Ok(Page::from_rows(rows, limit))
+            .fetch(pool);
+        let mut end = PageEnd {
+            last: None,
+            more: false,
+        };
+        let mut n = 0;
+        while let Some(row) = rows.try_next().await? {
+            if n == limit {
+                end.more = true;
+                continue;
+            }
+            each(&row);
+            end.last = Some(row);
+            n += 1;
+        }
+        Ok(end)
     }
 }
 
@@ -183,14 +196,17 @@ pub struct CredentialFilter {
 }
 
 /// Credentials in `(leaf_user_id, provider)` order, after `after`.
-#[tracing::instrument(skip(pool, after))]
+#[tracing::instrument(skip(pool, after, each))]
 pub async fn credentials(
     pool: &PgPool,
     filter: &CredentialFilter,
     after: Option<&(Uuid, String)>,
     limit: u32,
-) -> Result<Page<CredentialItem>, sqlx::Error> {
-    credentials_query(filter, after).page(pool, limit).await
+    each: impl FnMut(&CredentialItem),
+) -> Result<PageEnd<CredentialItem>, sqlx::Error> {
+    credentials_query(filter, after)
+        .page(pool, limit, each)
+        .await
 }
 
 fn credentials_query(filter: &CredentialFilter, after: Option<&(Uuid, String)>) -> List {
@@ -287,13 +303,14 @@ pub struct Transition {
 }
 
 /// A user's status transitions (every provider), newest first (`at desc, id desc`).
-#[tracing::instrument(skip(pool, after))]
+#[tracing::instrument(skip(pool, after, each))]
 pub async fn status_history(
     pool: &PgPool,
     user: Uuid,
     after: Option<(OffsetDateTime, i64)>,
     limit: u32,
-) -> Result<Page<Transition>, sqlx::Error> {
+    each: impl FnMut(&Transition),
+) -> Result<PageEnd<Transition>, sqlx::Error> {
     let mut q = List::new(
         "select id, provider, from_status, to_status, at, source from status_history where leaf_user_id = ",
     );
@@ -306,7 +323,7 @@ pub async fn status_history(
             .sql(")");
     }
     q.sql(" order by at desc, id desc");
-    q.page(pool, limit).await
+    q.page(pool, limit, each).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -360,14 +377,15 @@ pub type EventKey = (OffsetDateTime, String, Uuid, String);
 
 /// Cached events across users, newest first (`created_date desc, id desc`, then user and
 /// provider descending as the tie-break).
-#[tracing::instrument(skip(pool, after))]
+#[tracing::instrument(skip(pool, after, each))]
 pub async fn events(
     pool: &PgPool,
     filter: &EventFilter,
     after: Option<&EventKey>,
     limit: u32,
-) -> Result<Page<EventItem>, sqlx::Error> {
-    events_query(filter, after).page(pool, limit).await
+    each: impl FnMut(&EventItem),
+) -> Result<PageEnd<EventItem>, sqlx::Error> {
+    events_query(filter, after).page(pool, limit, each).await
 }
 
 fn events_query(filter: &EventFilter, after: Option<&EventKey>) -> List {
@@ -431,13 +449,14 @@ pub struct AuditFilter {
 }
 
 /// Audit entries, newest first (`at desc, id desc`).
-#[tracing::instrument(skip(pool, after))]
+#[tracing::instrument(skip(pool, after, each))]
 pub async fn audit(
     pool: &PgPool,
     filter: &AuditFilter,
     after: Option<(OffsetDateTime, i64)>,
     limit: u32,
-) -> Result<Page<AuditItem>, sqlx::Error> {
+    each: impl FnMut(&AuditItem),
+) -> Result<PageEnd<AuditItem>, sqlx::Error> {
     let mut q = List::new(
         "select id, at, actor, action, leaf_user_id, provider, outcome, request_id, detail from audit where true",
     );
@@ -461,7 +480,7 @@ pub async fn audit(
             .sql(")");
     }
     q.sql(" order by at desc, id desc");
-    q.page(pool, limit).await
+    q.page(pool, limit, each).await
 }
 
 #[cfg(test)]
