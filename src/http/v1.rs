@@ -209,10 +209,6 @@ fn opt_ts(t: Option<OffsetDateTime>) -> Option<String> {
     t.map(timefmt::format)
 }
 
-fn canonical(t: Option<OffsetDateTime>) -> Option<Canonical> {
-    t.map(Canonical)
-}
-
 /// A page's body, `{"items": [...], "nextCursor": ...}`, written item by item as the rows
 /// arrive from Postgres: no list of rows is collected first, and the items borrow from their
 /// row instead of copying it.
@@ -308,8 +304,8 @@ impl<'a> From<&'a query::CredentialItem> for CredentialOut<'a> {
             leaf_user_id: r.leaf_user_id,
             provider: &r.provider,
             status: r.status.as_deref(),
-            checked_at: canonical(r.checked_at),
-            changed_at: canonical(r.changed_at),
+            checked_at: r.checked_at.map(Canonical),
+            changed_at: r.changed_at.map(Canonical),
             sync_state: &r.sync_state,
             rejection,
             created_at: Canonical(r.created_at),
