@@ -26,6 +26,13 @@ use crate::store::{events, work};
 
 const WORKER_ACTOR: &str = "credsync";
 
+/// Lanes per slot of `CREDSYNC_SYNC_CONCURRENCY`. Between its upstream calls a lane does
+/// database work (claim, compare, store, release) without holding a slot; with one lane per
+/// slot that work left the slot idle (sync ran at 0.89–0.94 of `concurrency / latency`). With
+/// two, one lane's next call is ready while the other's is in flight; the slots still bound
+/// the calls in flight.
+const LANES_PER_SLOT: usize = 2;
+
 /// The delay before attempt `failures + 1`: exponential with jitter, 1 s to 5 min, or Leaf's `Retry-After`.
 pub fn backoff(failures: u32, retry_after: Option<u64>) -> Duration {
     if let Some(r) = retry_after {
@@ -478,8 +485,8 @@ impl Syncer {
         false
     }
 
-    /// A lane of the worker: steps until there is no work, then naps. `CREDSYNC_SYNC_CONCURRENCY`
-    /// lanes run side by side, so a slot is refilled the moment its call ends.
+    /// A lane of the worker: steps until there is no work, then naps. Lanes run side by side,
+    /// [`LANES_PER_SLOT`] per upstream slot, so a slot is refilled the moment its call ends.
     async fn lane(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
         while !*stop.borrow() {
             let worked = tokio::select! {
@@ -634,7 +641,7 @@ pub fn spawn(syncer: Syncer) -> WorkerHandle {
     let task = tokio::spawn(async move {
         tracing::info!(owner = %syncer.owner, "sync worker started");
         let lanes = futures_util::future::join_all(
-            (0..syncer.settings.concurrency).map(|_| syncer.lane(rx.clone())),
+            (0..syncer.settings.concurrency * LANES_PER_SLOT).map(|_| syncer.lane(rx.clone())),
         );
         let maintenance = async {
             let mut last_prune = std::time::Instant::now() - Duration::from_secs(3600);

@@ -338,6 +338,55 @@ async fn two_workers_on_one_database_sync_each_user_once_per_interval() {
 }
 
 #[tokio::test]
+async fn the_worker_keeps_at_most_concurrency_upstream_calls_in_flight() {
+    let app = spawn_app_with(with_worker(1).env("CREDSYNC_SYNC_CONCURRENCY", "2")).await;
+    for _ in 0..8 {
+        assert_eq!(
+            app.create(Uuid::new_v4(), &body("c", "inflight0000"))
+                .await
+                .status(),
+            201
+        );
+    }
+    // Every worker call to Leaf then takes at least 300 ms, and the simulator logs it on
+    // arrival: with two calls in flight at most, a call can only start once one of the two
+    // before it has ended, so the i-th and (i+2)-th arrivals are at least 300 ms apart.
+    app.fault(json!({"latencyMs": 300, "method": "GET", "pathContains": "climate-field-view-credentials"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.clear_sim_requests().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut arrivals: Vec<time::OffsetDateTime> = app
+        .sim_request_log()
+        .await
+        .iter()
+        .filter(|r| {
+            r["requestId"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("sync."))
+        })
+        .map(|r| {
+            time::OffsetDateTime::parse(
+                r["at"].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+        })
+        .collect();
+    arrivals.sort();
+    // 3 s at two slots of 300 ms: about 20 calls; far fewer means the worker stalled.
+    assert!(arrivals.len() >= 12, "only {} worker calls", arrivals.len());
+    for w in arrivals.windows(3) {
+        let gap = w[2] - w[0];
+        assert!(
+            gap >= time::Duration::milliseconds(299),
+            "three calls in flight at once: arrivals {} ms apart",
+            gap.whole_milliseconds()
+        );
+    }
+}
+
+#[tokio::test]
 async fn discovery_adopts_credentials_created_directly_at_leaf() {
     let app = spawn_app().await;
     let direct: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
