@@ -5,6 +5,7 @@
 //! Must never: hold business rules (they live in `gateway`), or log a header or body.
 mod credentials;
 mod extract;
+mod json_out;
 mod ops;
 mod sync_routes;
 pub mod v1;

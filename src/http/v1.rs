@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::extract::{Authed, read_body};
+use super::json_out::JsonObject;
 use crate::crypto::{Keyring, ct_eq, hmac_sha256};
 use crate::domain::credential::LEAF_STATUSES;
 use crate::domain::{LeafUserId, Scope, SyncState};
@@ -232,6 +233,11 @@ impl PageBody {
     }
 
     fn push(&mut self, item: &impl Serialize) {
+        self.push_with(|buf| serde_json::to_writer(buf, item));
+    }
+
+    /// Append an item that `write` writes itself.
+    fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) {
         if self.failed.is_some() {
             return;
         }
@@ -239,7 +245,7 @@ impl PageBody {
             self.buf.push(b',');
         }
         self.items += 1;
-        if let Err(e) = serde_json::to_writer(&mut self.buf, item) {
+        if let Err(e) = write(&mut self.buf) {
             self.failed = Some(e);
         }
     }
@@ -273,15 +279,16 @@ impl PageBody {
 // ---------------------------------------------------------------------------------------------
 // GET /v1/credentials
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
+// Written by hand (`write_json`); the derived `Serialize` is the reference it is tested against.
+#[cfg_attr(test, derive(Serialize))]
+#[cfg_attr(test, serde(rename_all = "camelCase"))]
 struct RejectionOut<'a> {
     status: Option<i32>,
     detail: Option<&'a str>,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
+#[cfg_attr(test, derive(Serialize))]
+#[cfg_attr(test, serde(rename_all = "camelCase"))]
 struct CredentialOut<'a> {
     leaf_user_id: Uuid,
     provider: &'a str,
@@ -311,6 +318,31 @@ impl<'a> From<&'a query::CredentialItem> for CredentialOut<'a> {
             created_at: Canonical(r.created_at),
             updated_at: Canonical(r.updated_at),
         }
+    }
+}
+
+impl CredentialOut<'_> {
+    /// The item's JSON, as `derive(Serialize)` would write it (see [`JsonObject`]).
+    fn write_json(&self, buf: &mut Vec<u8>) -> serde_json::Result<()> {
+        let mut o = JsonObject::open(buf);
+        o.uuid("leafUserId", self.leaf_user_id);
+        o.text("provider", self.provider);
+        o.opt_text("status", self.status);
+        o.opt_time("checkedAt", self.checked_at);
+        o.opt_time("changedAt", self.changed_at);
+        o.text("syncState", self.sync_state);
+        match &self.rejection {
+            Some(r) => {
+                let mut rejection = o.object("rejection");
+                rejection.opt_int("status", r.status);
+                rejection.opt_text("detail", r.detail);
+                rejection.close()?;
+            }
+            None => o.null("rejection"),
+        }
+        o.time("createdAt", self.created_at);
+        o.time("updatedAt", self.updated_at);
+        o.close()
     }
 }
 
@@ -360,7 +392,7 @@ async fn list_credentials(
     let after: Option<(Uuid, String)> = p.cursor(keyring, ROUTE, &filters)?;
     let mut body = PageBody::new(limit);
     let end = query::credentials(&st.gateway.db, &filter, after.as_ref(), limit, |r| {
-        body.push(&CredentialOut::from(r))
+        body.push_with(|buf| CredentialOut::from(r).write_json(buf))
     })
     .await?;
     body.finish(keyring, ROUTE, &filters, end, |r| {
@@ -775,7 +807,59 @@ mod props {
         })
     }
 
+    fn arb_time() -> impl Strategy<Value = Canonical> {
+        // Years 0000-9999, any microsecond (what Postgres stores).
+        (-62_167_219_200i64..=253_402_300_799i64, 0i64..1_000_000).prop_map(|(s, us)| {
+            Canonical(
+                OffsetDateTime::from_unix_timestamp(s).unwrap() + time::Duration::microseconds(us),
+            )
+        })
+    }
+
+    fn arb_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("UNAUTHENTICATED".to_owned()),
+            "[A-Z_]{0,12}",
+            any::<String>(),
+            "[\\u{0}-\\u{1f}\"\\\\/<>&'\\u{7f}-\\u{a0}\\u{2028}\\u{2029}]{0,8}",
+        ]
+    }
+
     proptest! {
+        #[test]
+        fn a_credential_item_is_written_as_serde_writes_it(
+            id in any::<u128>(),
+            provider in arb_text(),
+            status in prop::option::of(arb_text()),
+            checked_at in prop::option::of(arb_time()),
+            changed_at in prop::option::of(arb_time()),
+            sync_state in arb_text(),
+            rejection in prop::option::of((prop::option::of(any::<i32>()), prop::option::of(arb_text()))),
+            created_at in arb_time(),
+            updated_at in arb_time(),
+        ) {
+            let item = CredentialOut {
+                leaf_user_id: Uuid::from_u128(id),
+                provider: &provider,
+                status: status.as_deref(),
+                checked_at,
+                changed_at,
+                sync_state: &sync_state,
+                rejection: rejection.as_ref().map(|(status, detail)| RejectionOut {
+                    status: *status,
+                    detail: detail.as_deref(),
+                }),
+                created_at,
+                updated_at,
+            };
+            let mut written = Vec::new();
+            item.write_json(&mut written).unwrap();
+            prop_assert_eq!(
+                String::from_utf8(written).unwrap(),
+                serde_json::to_string(&item).unwrap()
+            );
+        }
+
         #[test]
         fn arbitrary_signature_headers_never_panic_or_match(
             body in prop::collection::vec(any::<u8>(), 0..300),
