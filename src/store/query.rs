@@ -103,21 +103,14 @@ impl List {
     /// Run it (with `limit fetch_limit(limit)` appended) as one page, handing each of its
     /// rows to `each` as it arrives: the caller writes a row out while Postgres still sends the
     /// next ones. The extra row only tells that more follow.
-    async fn page<T>(
+    async fn page<T: ListRow>(
         mut self,
         pool: &PgPool,
         limit: u32,
         mut each: impl FnMut(&T),
-    ) -> Result<PageEnd<T>, sqlx::Error>
-    where
-        T: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
-    {
+    ) -> Result<PageEnd<T>, sqlx::Error> {
         self.q.push(" limit ").push(fetch_limit(limit));
-        let mut rows = self
-            .q
-            .build_query_as::<T>()
-            .persistent(!self.replan)
-            .fetch(pool);
+        let mut rows = self.q.build().persistent(!self.replan).fetch(pool);
         let mut end = PageEnd {
             last: None,
             more: false,
@@ -128,6 +121,10 @@ impl List {
                 end.more = true;
                 continue;
             }
+            if n == 0 {
+                T::check_columns(&row)?;
+            }
+            let row = T::decode(&row)?;
             each(&row);
             end.last = Some(row);
             n += 1;
@@ -136,10 +133,38 @@ impl List {
     }
 }
 
-/// A list row read by position: the struct, its select list (`Self::SELECT`, the fields' names
-/// in their order, then `from` the table) and a `FromRow` that decodes column `i` into field
-/// `i`. (`derive(FromRow)` looks every column up by name in every row: with the timestamps, a
-/// fifth of a page's CPU.)
+/// A row of a list page, read by position.
+///
+/// `derive(FromRow)` looks every column up by name and checks its type in every row; with the
+/// timestamps that was a fifth of a page's CPU. The columns of a result are the same for all of
+/// its rows, so [`List::page`] checks their types once, on the first row, and then decodes each
+/// row by position without checking again.
+trait ListRow: Sized {
+    /// Fails unless column `i` has a type field `i` decodes, for every field.
+    fn check_columns(r: &PgRow) -> Result<(), sqlx::Error>;
+    /// Decode column `i` into field `i` (of a result whose columns passed the check).
+    fn decode(r: &PgRow) -> Result<Self, sqlx::Error>;
+}
+
+fn check_column<T: sqlx::Type<Postgres>>(r: &PgRow, i: usize) -> Result<(), sqlx::Error> {
+    use sqlx::{Column as _, TypeInfo as _};
+    let column = r.try_column(i)?;
+    if T::compatible(column.type_info()) {
+        return Ok(());
+    }
+    Err(sqlx::Error::ColumnDecode {
+        index: format!("{:?}", column.name()),
+        source: format!(
+            "a column of type {} cannot be read as {}",
+            column.type_info().name(),
+            std::any::type_name::<T>()
+        )
+        .into(),
+    })
+}
+
+/// A list row: the struct, its select list (`Self::SELECT`, the fields' names in their order,
+/// then `from` the table) and its [`ListRow`] impl, which reads column `i` into field `i`.
 macro_rules! list_row {
     (
         $(#[$meta:meta])*
@@ -161,14 +186,25 @@ macro_rules! list_row {
             );
         }
 
-        impl<'r> sqlx::FromRow<'r, PgRow> for $name {
+        impl ListRow for $name {
             #[allow(unused_assignments)]
-            fn from_row(r: &'r PgRow) -> Result<Self, sqlx::Error> {
+            fn check_columns(r: &PgRow) -> Result<(), sqlx::Error> {
                 let mut i = 0;
-                let $first = r.try_get(i)?;
+                check_column::<$first_ty>(r, i)?;
                 $(
                     i += 1;
-                    let $field = r.try_get(i)?;
+                    check_column::<$ty>(r, i)?;
+                )*
+                Ok(())
+            }
+
+            #[allow(unused_assignments)]
+            fn decode(r: &PgRow) -> Result<Self, sqlx::Error> {
+                let mut i = 0;
+                let $first = r.try_get_unchecked(i)?;
+                $(
+                    i += 1;
+                    let $field = r.try_get_unchecked(i)?;
                 )*
                 Ok($name { $first, $($field,)* })
             }
@@ -309,15 +345,16 @@ pub async fn compact_counts(pool: &PgPool) -> Result<(), sqlx::Error> {
 // ---------------------------------------------------------------------------------------------
 // status history
 
-/// One status transition.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct Transition {
-    pub id: i64,
-    pub provider: String,
-    pub from_status: Option<String>,
-    pub to_status: String,
-    pub at: OffsetDateTime,
-    pub source: String,
+list_row! {
+    /// One status transition.
+    pub struct Transition from "status_history" {
+        pub id: i64,
+        pub provider: String,
+        pub from_status: Option<String>,
+        pub to_status: String,
+        pub at: OffsetDateTime,
+        pub source: String,
+    }
 }
 
 /// A user's status transitions (every provider), newest first (`at desc, id desc`).
@@ -329,10 +366,8 @@ pub async fn status_history(
     limit: u32,
     each: impl FnMut(&Transition),
 ) -> Result<PageEnd<Transition>, sqlx::Error> {
-    let mut q = List::new(
-        "select id, provider, from_status, to_status, at, source from status_history where leaf_user_id = ",
-    );
-    q.key(user);
+    let mut q = List::new(Transition::SELECT);
+    q.sql(" where leaf_user_id = ").key(user);
     if let Some((at, id)) = after {
         q.sql(" and (at, id) < (")
             .key(at)
@@ -425,18 +460,19 @@ fn events_query(filter: &EventFilter, after: Option<&EventKey>) -> List {
 // ---------------------------------------------------------------------------------------------
 // audit
 
-/// One audit entry (the table never holds a secret).
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct AuditItem {
-    pub id: i64,
-    pub at: OffsetDateTime,
-    pub actor: String,
-    pub action: String,
-    pub leaf_user_id: Option<Uuid>,
-    pub provider: Option<String>,
-    pub outcome: String,
-    pub request_id: Option<String>,
-    pub detail: Option<String>,
+list_row! {
+    /// One audit entry (the table never holds a secret).
+    pub struct AuditItem from "audit" {
+        pub id: i64,
+        pub at: OffsetDateTime,
+        pub actor: String,
+        pub action: String,
+        pub leaf_user_id: Option<Uuid>,
+        pub provider: Option<String>,
+        pub outcome: String,
+        pub request_id: Option<String>,
+        pub detail: Option<String>,
+    }
 }
 
 /// Filters of `/v1/audit` (combined with AND).
@@ -458,9 +494,8 @@ pub async fn audit(
     limit: u32,
     each: impl FnMut(&AuditItem),
 ) -> Result<PageEnd<AuditItem>, sqlx::Error> {
-    let mut q = List::new(
-        "select id, at, actor, action, leaf_user_id, provider, outcome, request_id, detail from audit where true",
-    );
+    let mut q = List::new(AuditItem::SELECT);
+    q.sql(" where true");
     if let Some(u) = filter.leaf_user_id {
         q.sql(" and leaf_user_id = ").key(u);
     }
