@@ -33,6 +33,12 @@ const WORKER_ACTOR: &str = "credsync";
 /// the calls in flight.
 const LANES_PER_SLOT: usize = 2;
 
+/// An idle lane's nap, per slot: each lane naps `IDLE_NAP × LANES_PER_SLOT`, so an idle worker
+/// asks the database for work (two queries: the outbox, then the due credentials) no more
+/// often than one lane per slot napping `IDLE_NAP` did. With the lanes out of step, new work
+/// still waits far less than a nap.
+const IDLE_NAP: Duration = Duration::from_millis(500);
+
 /// The delay before attempt `failures + 1`: exponential with jitter, 1 s to 5 min, or Leaf's `Retry-After`.
 pub fn backoff(failures: u32, retry_after: Option<u64>) -> Duration {
     if let Some(r) = retry_after {
@@ -495,7 +501,7 @@ impl Syncer {
             };
             if !worked {
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tokio::time::sleep(IDLE_NAP * LANES_PER_SLOT as u32) => {}
                     _ = stop.changed() => {}
                 }
             }

@@ -294,11 +294,11 @@ async fn two_workers_on_one_database_sync_each_user_once_per_interval() {
             201
         );
     }
-    // Slow Leaf reads (a user's sync is two reads, 200 ms): a round of 12 users then takes
-    // longer than an idle lane's nap (500 ms), so the second replica cannot sleep through a round
+    // Slow Leaf reads (a user's sync is two reads, 300 ms): a round of 12 users then takes
+    // well over an idle lane's nap (1 s), so the second replica cannot sleep through a round
     // the first one finishes alone.
     first
-        .fault(json!({"latencyMs": 100, "method": "GET", "pathContains": "climate-field-view-credentials"}))
+        .fault(json!({"latencyMs": 150, "method": "GET", "pathContains": "climate-field-view-credentials"}))
         .await;
     let second = spawn_app_with(
         AppOptions {
@@ -318,7 +318,7 @@ async fn two_workers_on_one_database_sync_each_user_once_per_interval() {
             *per_user.entry(p.clone()).or_default() += 1;
         }
     }
-    // 12 s at a 4 s interval (plus the sync's own 0.2 s or more): every user two or three
+    // 12 s at a 4 s interval (plus the sync's own 0.3 s or more): every user two or three
     // times, never more; a user synced by both replicas would show twice as many reads.
     assert_eq!(per_user.len(), users.len(), "{per_user:?}");
     for (p, n) in &per_user {
