@@ -39,6 +39,19 @@ pub const LEAF_STATUSES: [&str; 4] = [
     "TEMPORARILY_UNAVAILABLE",
 ];
 
+/// How a credential without a status yet is shown and counted (summary, gauges) and asked for
+/// (`/v1/credentials?status=UNKNOWN`).
+pub const UNKNOWN_STATUS: &str = "UNKNOWN";
+
+/// The statuses the summary and the `credsync_credentials` gauge always show, zeros included.
+pub const REPORTED_STATUSES: [&str; 5] = [
+    LEAF_STATUSES[0],
+    LEAF_STATUSES[1],
+    LEAF_STATUSES[2],
+    LEAF_STATUSES[3],
+    UNKNOWN_STATUS,
+];
+
 /// credsync's own view of where a credential stands with Leaf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncState {

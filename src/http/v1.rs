@@ -21,7 +21,7 @@ use super::AppState;
 use super::extract::{Authed, read_body};
 use super::json_out::JsonObject;
 use crate::crypto::{Keyring, ct_eq, hmac_sha256};
-use crate::domain::credential::LEAF_STATUSES;
+use crate::domain::credential::{REPORTED_STATUSES, UNKNOWN_STATUS};
 use crate::domain::{LeafUserId, Scope, SyncState};
 use crate::error::ApiError;
 use crate::store::credentials::{self as creds, StatusSource};
@@ -34,18 +34,6 @@ use crate::{cursor, timefmt};
 /// Default and maximum page sizes of every list route.
 pub const DEFAULT_LIMIT: u32 = 100;
 pub const MAX_LIMIT: u32 = 1000;
-
-/// The `status` filter value that selects credentials without a status yet (as in the summary).
-pub const UNKNOWN_STATUS: &str = "UNKNOWN";
-
-/// The statuses the summary always shows, zeros included.
-const SUMMARY_STATUSES: [&str; 5] = [
-    LEAF_STATUSES[0],
-    LEAF_STATUSES[1],
-    LEAF_STATUSES[2],
-    LEAF_STATUSES[3],
-    UNKNOWN_STATUS,
-];
 
 /// The sync states a caller can see (a pending delete is gone from the caller's point of view).
 const VISIBLE_SYNC_STATES: [SyncState; 3] = [
@@ -406,7 +394,7 @@ async fn list_credentials(
 async fn summary(st: web::Data<AppState>, who: Authed) -> Result<HttpResponse, ApiError> {
     who.require(Scope::StatusRead)?;
     let groups = query::summary(&st.gateway.db).await?;
-    let mut by_status: BTreeMap<String, i64> = SUMMARY_STATUSES
+    let mut by_status: BTreeMap<String, i64> = REPORTED_STATUSES
         .iter()
         .map(|s| ((*s).to_owned(), 0))
         .collect();

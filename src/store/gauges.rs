@@ -1,7 +1,7 @@
 //! Gauges computed from the database at scrape time.
 use sqlx::PgPool;
 
-use crate::domain::credential::LEAF_STATUSES;
+use crate::domain::credential::{REPORTED_STATUSES, UNKNOWN_STATUS};
 
 /// Refresh `credsync_credentials{status}`, `credsync_outbox_pending` and `credsync_sync_lag_seconds`.
 pub async fn refresh(pool: &PgPool) -> Result<(), sqlx::Error> {
@@ -10,11 +10,11 @@ pub async fn refresh(pool: &PgPool) -> Result<(), sqlx::Error> {
     )
     .fetch_all(pool)
     .await?;
-    for known in LEAF_STATUSES.into_iter().chain(["UNKNOWN"]) {
+    for known in REPORTED_STATUSES {
         metrics::gauge!("credsync_credentials", "status" => known).set(0.0);
     }
     for (status, n) in by_status {
-        let label = status.unwrap_or_else(|| "UNKNOWN".into());
+        let label = status.unwrap_or_else(|| UNKNOWN_STATUS.into());
         metrics::gauge!("credsync_credentials", "status" => label).set(n as f64);
     }
     let pending: i64 = sqlx::query_scalar("select count(*) from outbox")
