@@ -100,6 +100,18 @@ impl List {
         self
     }
 
+    /// Order newest first by `(at, id)` and, given the previous page's last key, start after it.
+    fn newest_first(&mut self, after: Option<(OffsetDateTime, i64)>) -> &mut List {
+        if let Some((at, id)) = after {
+            self.sql(" and (at, id) < (")
+                .key(at)
+                .sql(", ")
+                .key(id)
+                .sql(")");
+        }
+        self.sql(" order by at desc, id desc")
+    }
+
     /// Run it (with `limit fetch_limit(limit)` appended) as one page, handing each of its
     /// rows to `each` as it arrives: the caller writes a row out while Postgres still sends the
     /// next ones. The extra row only tells that more follow.
@@ -368,14 +380,7 @@ pub async fn status_history(
 ) -> Result<PageEnd<Transition>, sqlx::Error> {
     let mut q = List::new(Transition::SELECT);
     q.sql(" where leaf_user_id = ").key(user);
-    if let Some((at, id)) = after {
-        q.sql(" and (at, id) < (")
-            .key(at)
-            .sql(", ")
-            .key(id)
-            .sql(")");
-    }
-    q.sql(" order by at desc, id desc");
+    q.newest_first(after);
     q.page(pool, limit, each).await
 }
 
@@ -508,14 +513,7 @@ pub async fn audit(
     if let Some(t) = filter.since {
         q.sql(" and at >= ").value(t);
     }
-    if let Some((at, id)) = after {
-        q.sql(" and (at, id) < (")
-            .key(at)
-            .sql(", ")
-            .key(id)
-            .sql(")");
-    }
-    q.sql(" order by at desc, id desc");
+    q.newest_first(after);
     q.page(pool, limit, each).await
 }
 
