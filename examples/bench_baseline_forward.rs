@@ -3,9 +3,16 @@
 //! the fast way — actix-web with one `reqwest::Client` per worker and one Leaf token fetched at
 //! start-up. No JWT, no database, no logging: what any forwarding gateway has to pay.
 //!
+//! With `DATABASE_URL` set it also reads the credential's row first, through credsync's own
+//! `store::credentials::get` on one pool per worker (`test_before_acquire` off): the read
+//! SPEC §5 puts before every forwarded GET (a pending create is answered from the cache, a
+//! pending delete or a rejection is a 404). That is the fair yardstick for credsync's forwarded
+//! read: forwarding plus the one database round trip it cannot skip, and nothing else.
+//!
 //! Environment: `LEAF_API_URL` (required), `LEAF_USERNAME` / `LEAF_PASSWORD` (default
-//! `bench`), `BENCH_LISTEN` (default `127.0.0.1:18091`), `BENCH_WORKERS` (default: available
-//! parallelism).
+//! `bench`), `DATABASE_URL` (optional, above), `BENCH_DB_MAX_CONNECTIONS` (total over all
+//! workers, default 16), `BENCH_LISTEN` (default `127.0.0.1:18091`), `BENCH_WORKERS` (default:
+//! available parallelism).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use actix_web::http::StatusCode;
@@ -15,9 +22,25 @@ struct Forwarder {
     client: reqwest::Client,
     base: String,
     bearer: String,
+    /// Read the credential's row before forwarding (`DATABASE_URL` set).
+    db: Option<sqlx::PgPool>,
 }
 
 async fn forward(fwd: web::Data<Forwarder>, req: HttpRequest) -> HttpResponse {
+    if let Some(db) = &fwd.db {
+        let user = req.match_info().get("user").map(uuid::Uuid::parse_str);
+        let Some(Ok(user)) = user else {
+            return HttpResponse::BadRequest().finish();
+        };
+        match credsync::store::credentials::get(db, user, "climate-field-view").await {
+            // As credsync: only a SYNCED row (or none) is worth asking Leaf about.
+            Ok(Some(row)) if row.sync_state != "SYNCED" => {
+                return HttpResponse::NotFound().finish();
+            }
+            Ok(_) => {}
+            Err(_) => return HttpResponse::ServiceUnavailable().finish(),
+        }
+    }
     let url = format!("{}{}", fwd.base, req.path());
     let answer = fwd
         .client
@@ -63,6 +86,12 @@ fn main() -> anyhow::Result<()> {
         Ok(v) => v.parse()?,
         Err(_) => std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
     };
+    let database_url = std::env::var("DATABASE_URL").ok();
+    let total: u32 = match std::env::var("BENCH_DB_MAX_CONNECTIONS") {
+        Ok(v) => v.parse()?,
+        Err(_) => 16,
+    };
+    let per_worker = (total / u32::try_from(workers)?).max(1);
     actix_web::rt::System::new().block_on(async move {
         let bearer = leaf_token(&base, &user, &password).await?;
         HttpServer::new(move || {
@@ -70,11 +99,19 @@ fn main() -> anyhow::Result<()> {
             let client = reqwest::Client::builder()
                 .build()
                 .expect("cannot build an HTTP client");
+            let db = database_url.as_deref().map(|url| {
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(per_worker)
+                    .test_before_acquire(false)
+                    .connect_lazy(url)
+                    .expect("DATABASE_URL is not a valid postgres URL")
+            });
             App::new()
                 .app_data(web::Data::new(Forwarder {
                     client,
                     base: base.clone(),
                     bearer: bearer.clone(),
+                    db,
                 }))
                 .route(
                     "/services/usermanagement/api/users/{user}/{segment}",

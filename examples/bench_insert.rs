@@ -4,6 +4,13 @@
 //! once). `BENCH_CONCURRENCY` tasks insert for `BENCH_SECS` seconds through a pool of
 //! `BENCH_DB_MAX_CONNECTIONS` (credsync's default pool size, 16) with `test_before_acquire` off.
 //!
+//! `BENCH_STATEMENTS=create` runs credsync's own create statements instead, through its store
+//! functions: `insert_pending` (the row and its outbox entry) then `settle_create` (SYNCED with
+//! Leaf's answer, resealed secrets, the first status, the audit entry), as a POST does once
+//! Leaf answered 201, but with no HTTP, JWT, Leaf call or encryption. It is the ceiling of a
+//! create on this Postgres: what the SPEC's writes cost, with nothing of credsync's own around
+//! them.
+//!
 //! Prints one line: `{"rows": n, "secs": s, "rowsPerSec": r, "secretsBytes": b, "wrappedKeyBytes": w}`.
 //! Point `DATABASE_URL` at a scratch database with credsync's schema: it inserts random users.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,7 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use credsync::crypto::Binding;
+use credsync::crypto::{Binding, Sealed};
+use credsync::store::credentials as creds;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::types::Json;
 
@@ -28,12 +36,64 @@ where
     }
 }
 
+const PROVIDER: &str = "climate-field-view";
+
+/// The statements of a POST that Leaf answered with 201: store the pending row with its outbox
+/// entry, then settle it (the request path's fast path in `Gateway::create`).
+async fn create_statements(
+    pool: &sqlx::PgPool,
+    user: uuid::Uuid,
+    public: &serde_json::Map<String, serde_json::Value>,
+    answered: &serde_json::Map<String, serde_json::Value>,
+    sealed: &Sealed,
+) -> anyhow::Result<()> {
+    let stored = creds::insert_pending(
+        pool,
+        &creds::NewCredential {
+            user,
+            provider: PROVIDER,
+            public,
+            sealed,
+            actor: "bench",
+            request_id: "bench-request-id",
+            grace: Duration::from_secs(30),
+        },
+    )
+    .await?;
+    anyhow::ensure!(stored.is_ok(), "user {user} already had a credential");
+    let settled = creds::settle_create(
+        pool,
+        user,
+        PROVIDER,
+        &creds::LeafState {
+            leaf_credential_id: Some(uuid::Uuid::new_v4()),
+            status: Some("OK"),
+            created_time: Some(time::OffsetDateTime::now_utc()),
+            public: answered,
+            sealed: Some(sealed),
+        },
+        "bench",
+        "bench-request-id",
+    )
+    .await?;
+    anyhow::ensure!(
+        settled.is_some(),
+        "the pending row of {user} was not settled"
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let url = std::env::var("DATABASE_URL")?;
     let concurrency: usize = env_or("BENCH_CONCURRENCY", 32)?;
     let secs: u64 = env_or("BENCH_SECS", 10)?;
     let max_conn: u32 = env_or("BENCH_DB_MAX_CONNECTIONS", 16)?;
+    let create = match std::env::var("BENCH_STATEMENTS").as_deref() {
+        Ok("create") => true,
+        Ok("insert") | Err(_) => false,
+        Ok(other) => anyhow::bail!("BENCH_STATEMENTS must be insert or create, not {other:?}"),
+    };
     let pool = PgPoolOptions::new()
         .max_connections(max_conn)
         .test_before_acquire(false)
@@ -48,14 +108,18 @@ async fn main() -> anyhow::Result<()> {
         .seal(
             Binding {
                 leaf_user_id: &user0,
-                provider: "climate-field-view",
+                provider: PROVIDER,
             },
             &secrets,
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut public = serde_json::Map::new();
     public.insert("clientId".into(), "bench-client-id-0123456789".into());
+    // What the simulator adds to a create's answer (settle_create merges it in).
+    let mut answered = serde_json::Map::new();
+    answered.insert("scopes".into(), "all".into());
     let public = Arc::new(public);
+    let answered = Arc::new(answered);
     let sealed = Arc::new(sealed);
 
     let rows = Arc::new(AtomicU64::new(0));
@@ -63,25 +127,35 @@ async fn main() -> anyhow::Result<()> {
     let deadline = started + Duration::from_secs(secs);
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        let (pool, rows, public, sealed) =
-            (pool.clone(), rows.clone(), public.clone(), sealed.clone());
+        let (pool, rows, public, answered, sealed) = (
+            pool.clone(),
+            rows.clone(),
+            public.clone(),
+            answered.clone(),
+            sealed.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
-                sqlx::query(
-                    "insert into credential (leaf_user_id, provider, sync_state, public_fields, key_id, wrapped_key, secrets)
-                     values ($1, $2, 'PENDING_UPSTREAM', $3, $4, $5, $6)",
-                )
-                .bind(uuid::Uuid::new_v4())
-                .bind("climate-field-view")
-                .bind(Json(public.as_ref()))
-                .bind(&sealed.key_id)
-                .bind(&sealed.wrapped_key)
-                .bind(&sealed.secrets)
-                .execute(&pool)
-                .await?;
+                let user = uuid::Uuid::new_v4();
+                if create {
+                    create_statements(&pool, user, &public, &answered, &sealed).await?;
+                } else {
+                    sqlx::query(
+                        "insert into credential (leaf_user_id, provider, sync_state, public_fields, key_id, wrapped_key, secrets)
+                         values ($1, $2, 'PENDING_UPSTREAM', $3, $4, $5, $6)",
+                    )
+                    .bind(user)
+                    .bind(PROVIDER)
+                    .bind(Json(public.as_ref()))
+                    .bind(&sealed.key_id)
+                    .bind(&sealed.wrapped_key)
+                    .bind(&sealed.secrets)
+                    .execute(&pool)
+                    .await?;
+                }
                 rows.fetch_add(1, Ordering::Relaxed);
             }
-            Ok::<_, sqlx::Error>(())
+            Ok::<_, anyhow::Error>(())
         }));
     }
     for t in tasks {
