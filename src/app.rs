@@ -158,6 +158,7 @@ impl Application {
             Arc::downgrade(&touches),
         ));
         let gateway = Gateway {
+            reads: store::ConnStash::spawn(db.clone(), pool_size),
             db,
             keyring: settings.keyring.clone(),
             leaf,

@@ -19,6 +19,7 @@ use crate::domain::credential::mask_secrets;
 use crate::domain::{CreateBody, Provider, SyncState, redact};
 use crate::error::ApiError;
 use crate::leaf::{LeafClient, LeafError};
+use crate::store::ConnStash;
 use crate::store::audit::{self, Entry, Outcome};
 use crate::store::credentials::{self as creds, CredentialRow, LeafState, StatusSource};
 use crate::store::events::{self, Event};
@@ -33,6 +34,8 @@ pub struct Gateway {
     pub outbox_grace: Duration,
     /// `checked_at` refreshes from the request path, written in batches ([`Touches`]).
     pub touches: Arc<Touches>,
+    /// Connections kept between the primary-key reads that start most requests.
+    pub reads: Arc<ConnStash>,
 }
 
 /// The `checked_at` refreshes of forwarded reads whose answer changed nothing, collected per
@@ -102,8 +105,10 @@ impl Gateway {
     /// The gateway of one actix worker: its own database pool (of `pool_size` connections) and
     /// Leaf connection pool, on that worker's runtime; keys, token, rate limit and breaker shared.
     pub fn for_worker(&self, pool_size: u32) -> Gateway {
+        let db = crate::store::sibling(&self.db, pool_size);
         Gateway {
-            db: crate::store::sibling(&self.db, pool_size),
+            reads: ConnStash::spawn(db.clone(), pool_size),
+            db,
             keyring: self.keyring.clone(),
             leaf: Arc::new(self.leaf.for_worker()),
             outbox_grace: self.outbox_grace,
@@ -614,6 +619,19 @@ impl Gateway {
         Ok((view, source))
     }
 
+    /// The credential's row, read on a kept connection ([`ConnStash`]): the read that starts
+    /// every forwarded GET, `/status` and `/events`.
+    async fn local_row(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+    ) -> Result<Option<CredentialRow>, sqlx::Error> {
+        let mut read = self.reads.acquire().await?;
+        let row = creds::get(read.conn(), user, provider.name).await?;
+        read.keep();
+        Ok(row)
+    }
+
     /// Read the credential from Leaf and refresh the local copy, or fall back to the local copy.
     async fn read_through(
         &self,
@@ -621,7 +639,7 @@ impl Gateway {
         user: Uuid,
         actor: Actor<'_>,
     ) -> Result<(CredentialRow, Source), ApiError> {
-        let local = creds::get(&self.db, user, provider.name).await?;
+        let local = self.local_row(provider, user).await?;
         if let Some(row) = &local {
             Self::refuse_gone(row)?;
             if row.state() == SyncState::PendingUpstream {
@@ -672,9 +690,11 @@ impl Gateway {
         actor: Actor<'_>,
     ) -> Result<(Value, Source), ApiError> {
         let (status, checked_at, source) = if cache_only {
-            let row = creds::cached_status(&self.db, user, provider.name)
-                .await?
-                .ok_or_else(|| ApiError::NotFound("no credential for this user".into()))?;
+            let mut read = self.reads.acquire().await?;
+            let row = creds::cached_status(read.conn(), user, provider.name).await?;
+            read.keep();
+            let row =
+                row.ok_or_else(|| ApiError::NotFound("no credential for this user".into()))?;
             Self::refuse_state(
                 SyncState::parse(&row.sync_state).unwrap_or(SyncState::Synced),
                 row.rejection_status,
@@ -705,7 +725,7 @@ impl Gateway {
         cache_only: bool,
         actor: Actor<'_>,
     ) -> Result<(Vec<Event>, i64, Source), ApiError> {
-        let local = creds::get(&self.db, user, provider.name).await?;
+        let local = self.local_row(provider, user).await?;
         if let Some(row) = &local {
             Self::refuse_gone(row)?;
             if row.state() == SyncState::PendingUpstream {

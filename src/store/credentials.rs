@@ -49,8 +49,8 @@ impl CredentialRow {
 const COLUMNS: &str = "leaf_user_id, provider, leaf_credential_id, sync_state, status, checked_at, changed_at, \
      created_time, public_fields, key_id, wrapped_key, secrets, rejection_status, rejection_detail, created_at, updated_at";
 
-pub async fn get(
-    pool: &PgPool,
+pub async fn get<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     user: Uuid,
     provider: &str,
 ) -> Result<Option<CredentialRow>, sqlx::Error> {
@@ -59,7 +59,7 @@ pub async fn get(
     )))
     .bind(user)
     .bind(provider)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await
 }
 
@@ -73,8 +73,8 @@ pub struct CachedStatus {
     pub rejection_detail: Option<String>,
 }
 
-pub async fn cached_status(
-    pool: &PgPool,
+pub async fn cached_status<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     user: Uuid,
     provider: &str,
 ) -> Result<Option<CachedStatus>, sqlx::Error> {
@@ -84,7 +84,7 @@ pub async fn cached_status(
     )
     .bind(user)
     .bind(provider)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await
 }
 

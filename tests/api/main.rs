@@ -15,5 +15,6 @@ mod rate_limit;
 mod resilience;
 mod secrets;
 mod sim;
+mod stash;
 mod sync;
 mod v1;
