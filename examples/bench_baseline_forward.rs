@@ -3,9 +3,9 @@
 //! the fast way — actix-web with one `reqwest::Client` per worker and one Leaf token fetched at
 //! start-up. No JWT, no database, no logging: what any forwarding gateway has to pay.
 //!
-//! With `DATABASE_URL` set it also reads the credential's row first, through credsync's own
-//! `store::credentials::get` on one pool per worker (`test_before_acquire` off): the read
-//! SPEC §5 puts before every forwarded GET (a pending create is answered from the cache, a
+//! With `DATABASE_URL` set it also reads the credential's row first, as credsync does: through
+//! `store::credentials::get` on a connection of credsync's `store::ConnStash`, over one pool per
+//! worker (`test_before_acquire` off): the read SPEC §5 puts before every forwarded GET (a pending create is answered from the cache, a
 //! pending delete or a rejection is a 404). That is the fair yardstick for credsync's forwarded
 //! read: forwarding plus the one database round trip it cannot skip, and nothing else.
 //!
@@ -23,7 +23,7 @@ struct Forwarder {
     base: String,
     bearer: String,
     /// Read the credential's row before forwarding (`DATABASE_URL` set).
-    db: Option<sqlx::PgPool>,
+    db: Option<std::sync::Arc<credsync::store::ConnStash>>,
 }
 
 async fn forward(fwd: web::Data<Forwarder>, req: HttpRequest) -> HttpResponse {
@@ -32,12 +32,16 @@ async fn forward(fwd: web::Data<Forwarder>, req: HttpRequest) -> HttpResponse {
         let Some(Ok(user)) = user else {
             return HttpResponse::BadRequest().finish();
         };
-        match credsync::store::credentials::get(db, user, "climate-field-view").await {
+        let Ok(mut read) = db.acquire().await else {
+            return HttpResponse::ServiceUnavailable().finish();
+        };
+        match credsync::store::credentials::get(read.conn(), user, "climate-field-view").await {
             // As credsync: only a SYNCED row (or none) is worth asking Leaf about.
             Ok(Some(row)) if row.sync_state != "SYNCED" => {
+                read.keep();
                 return HttpResponse::NotFound().finish();
             }
-            Ok(_) => {}
+            Ok(_) => read.keep(),
             Err(_) => return HttpResponse::ServiceUnavailable().finish(),
         }
     }
@@ -100,11 +104,12 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .expect("cannot build an HTTP client");
             let db = database_url.as_deref().map(|url| {
-                sqlx::postgres::PgPoolOptions::new()
+                let pool = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(per_worker)
                     .test_before_acquire(false)
                     .connect_lazy(url)
-                    .expect("DATABASE_URL is not a valid postgres URL")
+                    .expect("DATABASE_URL is not a valid postgres URL");
+                credsync::store::ConnStash::spawn(pool, per_worker)
             });
             App::new()
                 .app_data(web::Data::new(Forwarder {
