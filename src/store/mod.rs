@@ -118,22 +118,21 @@ impl ConnStash {
 
     /// The most recently kept connection when it is fresh, else one from the pool.
     pub async fn acquire(&self) -> Result<Stashed<'_>, sqlx::Error> {
-        let kept = {
+        let (fresh, stale) = {
             let mut idle = self.idle();
             match idle.pop() {
-                Some(k) if k.since.elapsed() < PING_IDLE_AFTER => Some(k),
-                // The newest is stale, so all are: back to the pool (dropped outside the lock).
-                Some(stale) => {
-                    let mut stale_ones = std::mem::take(&mut *idle);
-                    stale_ones.push(stale);
-                    drop(idle);
-                    drop(stale_ones);
-                    None
+                Some(k) if k.since.elapsed() < PING_IDLE_AFTER => (Some(k), Vec::new()),
+                // The newest is stale, so all are: back to the pool, outside the lock.
+                Some(k) => {
+                    let mut all = std::mem::take(&mut *idle);
+                    all.push(k);
+                    (None, all)
                 }
-                None => None,
+                None => (None, Vec::new()),
             }
         };
-        let (conn, uses) = match kept {
+        drop(stale);
+        let (conn, uses) = match fresh {
             Some(k) => (k.conn, k.uses),
             None => (self.pool.acquire().await?, 0),
         };
