@@ -5,15 +5,18 @@
 //!
 //! With `DATABASE_URL` set it also reads the credential's row first, as credsync does: through
 //! `store::credentials::get` on a connection of credsync's `store::ConnStash`, over one pool per
-//! worker (`test_before_acquire` off): the read SPEC §5 puts before every forwarded GET (a pending create is answered from the cache, a
-//! pending delete or a rejection is a 404). That is the fair yardstick for credsync's forwarded
-//! read: forwarding plus the one database round trip it cannot skip, and nothing else.
+//! worker (`test_before_acquire` off). That is the read SPEC §5 puts before every forwarded GET
+//! (a pending create is answered from the cache, a pending delete or a rejection is a 404), and
+//! so the fair yardstick for credsync's forwarded read: forwarding plus the one database round
+//! trip it cannot skip, and nothing else.
 //!
 //! Environment: `LEAF_API_URL` (required), `LEAF_USERNAME` / `LEAF_PASSWORD` (default
 //! `bench`), `DATABASE_URL` (optional, above), `BENCH_DB_MAX_CONNECTIONS` (total over all
 //! workers, default 16), `BENCH_LISTEN` (default `127.0.0.1:18091`), `BENCH_WORKERS` (default:
 //! available parallelism).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
@@ -86,16 +89,9 @@ fn main() -> anyhow::Result<()> {
     let user = std::env::var("LEAF_USERNAME").unwrap_or_else(|_| "bench".into());
     let password = std::env::var("LEAF_PASSWORD").unwrap_or_else(|_| "bench".into());
     let listen = std::env::var("BENCH_LISTEN").unwrap_or_else(|_| "127.0.0.1:18091".into());
-    let workers: usize = match std::env::var("BENCH_WORKERS") {
-        Ok(v) => v.parse()?,
-        Err(_) => std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
-    };
+    let workers = common::workers()?;
     let database_url = std::env::var("DATABASE_URL").ok();
-    let total: u32 = match std::env::var("BENCH_DB_MAX_CONNECTIONS") {
-        Ok(v) => v.parse()?,
-        Err(_) => 16,
-    };
-    let per_worker = (total / u32::try_from(workers)?).max(1);
+    let per_worker = common::pool_per_worker(workers)?;
     actix_web::rt::System::new().block_on(async move {
         let bearer = leaf_token(&base, &user, &password).await?;
         HttpServer::new(move || {
@@ -104,12 +100,7 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .expect("cannot build an HTTP client");
             let db = database_url.as_deref().map(|url| {
-                let pool = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(per_worker)
-                    .test_before_acquire(false)
-                    .connect_lazy(url)
-                    .expect("DATABASE_URL is not a valid postgres URL");
-                credsync::store::ConnStash::spawn(pool, per_worker)
+                credsync::store::ConnStash::spawn(common::pool(url, per_worker), per_worker)
             });
             App::new()
                 .app_data(web::Data::new(Forwarder {

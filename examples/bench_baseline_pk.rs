@@ -9,9 +9,11 @@
 //! (default: available parallelism).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use actix_web::{App, HttpResponse, HttpServer, web};
 use sqlx::Row as _;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -50,23 +52,12 @@ async fn status(pool: web::Data<PgPool>, path: web::Path<(String, String)>) -> H
 fn main() -> anyhow::Result<()> {
     let url = std::env::var("DATABASE_URL")?;
     let listen = std::env::var("BENCH_LISTEN").unwrap_or_else(|_| "127.0.0.1:18090".into());
-    let workers: usize = match std::env::var("BENCH_WORKERS") {
-        Ok(v) => v.parse()?,
-        Err(_) => std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
-    };
-    let total: u32 = match std::env::var("BENCH_DB_MAX_CONNECTIONS") {
-        Ok(v) => v.parse()?,
-        Err(_) => 16,
-    };
-    let per_worker = (total / u32::try_from(workers)?).max(1);
+    let workers = common::workers()?;
+    let per_worker = common::pool_per_worker(workers)?;
     actix_web::rt::System::new().block_on(async move {
         HttpServer::new(move || {
             // Runs on each worker's own runtime: the pool's connections live there.
-            let pool = PgPoolOptions::new()
-                .max_connections(per_worker)
-                .test_before_acquire(false)
-                .connect_lazy(&url)
-                .expect("DATABASE_URL is not a valid postgres URL");
+            let pool = common::pool(&url, per_worker);
             App::new().app_data(web::Data::new(pool)).route(
                 "/services/usermanagement/api/users/{user}/{segment}/status",
                 web::get().to(status),
