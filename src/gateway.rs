@@ -87,17 +87,15 @@ impl Touches {
 
     /// Flush every [`Touches::EVERY`] until the last gateway holding `touches` is gone.
     pub async fn flush_loop(db: PgPool, touches: std::sync::Weak<Touches>) {
-        let mut every = tokio::time::interval(Self::EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            let Some(touches) = touches.upgrade() else {
-                return;
-            };
-            if let Err(e) = touches.flush(&db).await {
-                tracing::debug!(error = %e, "could not refresh checked_at");
+        crate::store::tick_while_alive(Self::EVERY, touches, |touches| {
+            let db = db.clone();
+            async move {
+                if let Err(e) = touches.flush(&db).await {
+                    tracing::debug!(error = %e, "could not refresh checked_at");
+                }
             }
-        }
+        })
+        .await;
     }
 }
 

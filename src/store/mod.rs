@@ -120,16 +120,8 @@ impl ConnStash {
     pub async fn acquire(&self) -> Result<Stashed<'_>, sqlx::Error> {
         let (fresh, stale) = {
             let mut idle = self.idle();
-            match idle.pop() {
-                Some(k) if k.since.elapsed() < PING_IDLE_AFTER => (Some(k), Vec::new()),
-                // The newest is stale, so all are: back to the pool, outside the lock.
-                Some(k) => {
-                    let mut all = std::mem::take(&mut *idle);
-                    all.push(k);
-                    (None, all)
-                }
-                None => (None, Vec::new()),
-            }
+            let stale = drain_stale(&mut idle);
+            (idle.pop(), stale)
         };
         drop(stale);
         let (conn, uses) = match fresh {
@@ -145,33 +137,45 @@ impl ConnStash {
 
     /// Hand connections idle for [`PING_IDLE_AFTER`] back to the pool.
     pub fn sweep(&self) {
-        let stale: Vec<Kept> = {
-            let mut idle = self.idle();
-            let keep_from = idle
-                .iter()
-                .position(|k| k.since.elapsed() < PING_IDLE_AFTER)
-                .unwrap_or(idle.len());
-            idle.drain(..keep_from).collect()
-        };
+        let stale = drain_stale(&mut self.idle());
         drop(stale);
     }
 
     /// Sweep every [`PING_IDLE_AFTER`] until the last holder of `stash` is gone.
     pub async fn sweep_loop(stash: std::sync::Weak<ConnStash>) {
-        let mut every = tokio::time::interval(PING_IDLE_AFTER);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            let Some(stash) = stash.upgrade() else {
-                return;
-            };
-            stash.sweep();
-        }
+        tick_while_alive(PING_IDLE_AFTER, stash, |stash| async move { stash.sweep() }).await;
     }
 
     /// How many connections are kept right now.
     pub fn kept(&self) -> usize {
         self.idle().len()
+    }
+}
+
+/// Take the connections idle for [`PING_IDLE_AFTER`] out of `idle` (kept in the order they
+/// were kept, oldest first), for the caller to drop outside the lock: back to the pool.
+fn drain_stale(idle: &mut Vec<Kept>) -> Vec<Kept> {
+    let fresh_from = idle
+        .iter()
+        .position(|k| k.since.elapsed() < PING_IDLE_AFTER)
+        .unwrap_or(idle.len());
+    idle.drain(..fresh_from).collect()
+}
+
+/// Run `tick` every `period` until the last `Arc` of `target` is gone.
+pub async fn tick_while_alive<T, F, Fut>(period: Duration, target: std::sync::Weak<T>, mut tick: F)
+where
+    F: FnMut(std::sync::Arc<T>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut every = tokio::time::interval(period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(target) = target.upgrade() else {
+            return;
+        };
+        tick(target).await;
     }
 }
 
