@@ -71,6 +71,14 @@ impl Application {
         let pools = PoolSplit::new(settings.db_max_connections, opts.http.then_some(workers));
         let (gateway, keys) =
             Self::build_gateway_checked(&settings, opts.migrate, pools.background).await?;
+        if opts.http && gateway.rows.enabled() {
+            // One connection of its own, on top of CREDSYNC_DB_MAX_CONNECTIONS: it is held for
+            // good, and the background pool may be a single connection.
+            tokio::spawn(crate::rowcache::RowCache::listen(
+                Arc::downgrade(&gateway.rows),
+                store::sibling(&gateway.db, 1),
+            ));
+        }
         let keys_checked = Arc::new(AtomicBool::new(keys == KeyCheck::Passed));
         let key_failure = match keys {
             KeyCheck::Passed => None,
@@ -159,6 +167,8 @@ impl Application {
         ));
         let gateway = Gateway {
             reads: store::ConnStash::spawn(db.clone(), pool_size),
+            // Serves nothing until `listen_for_changes` subscribes it (serving processes only).
+            rows: Arc::new(crate::rowcache::RowCache::new(settings.row_cache_ttl)),
             db,
             keyring: settings.keyring.clone(),
             leaf,

@@ -188,6 +188,9 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Requests per second allowed per caller `sub` (0 = unlimited).
     pub caller_rps: u32,
+    /// How long a serving process may answer a forwarded read from its row cache
+    /// (`rowcache`) before it reads the row again (zero: no cache).
+    pub row_cache_ttl: Duration,
 }
 
 impl Settings {
@@ -241,6 +244,11 @@ impl Settings {
             webhook_secret: src.secret("LEAF_WEBHOOK_SECRET"),
             max_body_bytes: max_body,
             caller_rps: src.parse("CREDSYNC_CALLER_RPS", 0u32, "a non-negative integer")?,
+            row_cache_ttl: Duration::from_millis(src.parse(
+                "CREDSYNC_ROW_CACHE_TTL_MS",
+                1000u64,
+                "a number of milliseconds (0 turns the cache off)",
+            )?),
         })
     }
 }
@@ -445,6 +453,7 @@ mod tests {
         assert_eq!(s.sync.concurrency, 16);
         assert_eq!(s.sync.events_retention_days, 400);
         assert_eq!(s.max_body_bytes, 65536);
+        assert_eq!(s.row_cache_ttl, Duration::from_secs(1));
         assert_eq!(s.keyring.active_id(), "k1");
         let dbg = format!("{s:?}");
         assert!(

@@ -19,6 +19,7 @@ use crate::domain::credential::mask_secrets;
 use crate::domain::{CreateBody, Provider, SyncState, redact};
 use crate::error::ApiError;
 use crate::leaf::{LeafClient, LeafError};
+use crate::rowcache::RowCache;
 use crate::store::ConnStash;
 use crate::store::audit::{self, Entry, Outcome};
 use crate::store::credentials::{self as creds, CredentialRow, LeafState, StatusSource};
@@ -36,6 +37,8 @@ pub struct Gateway {
     pub touches: Arc<Touches>,
     /// Connections kept between the primary-key reads that start most requests.
     pub reads: Arc<ConnStash>,
+    /// SYNCED rows a forwarded read may trust without reading them (shared by the workers).
+    pub rows: Arc<RowCache>,
 }
 
 /// The `checked_at` refreshes of forwarded reads whose answer changed nothing, collected per
@@ -111,6 +114,7 @@ impl Gateway {
             leaf: Arc::new(self.leaf.for_worker()),
             outbox_grace: self.outbox_grace,
             touches: self.touches.clone(),
+            rows: self.rows.clone(),
         }
     }
 }
@@ -305,6 +309,45 @@ impl Gateway {
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("cannot seal: {e}")))
     }
 
+    /// Whether Leaf's answer says nothing new about the stored `row`: nothing to write.
+    fn confirms(
+        &self,
+        provider: &Provider,
+        row: &CredentialRow,
+        leaf: &LeafCredential,
+    ) -> Result<bool, ApiError> {
+        if !unchanged(row, leaf) {
+            return Ok(false);
+        }
+        Ok(match self.open(provider, row)? {
+            Some(stored) => echo_matches(&stored, &leaf.secrets),
+            None => leaf.secrets.0.is_empty(),
+        })
+    }
+
+    /// The row Leaf confirmed, `checkedAt` now. Nothing is written but `checkedAt`, at most
+    /// once a second per credential, batched off the request path ([`Touches`]); a sync sets it
+    /// when it releases the credential.
+    fn confirmed(
+        &self,
+        provider: &Provider,
+        row: &CredentialRow,
+        source: StatusSource,
+    ) -> CredentialRow {
+        let now = time::OffsetDateTime::now_utc();
+        if !matches!(source, StatusSource::Sync)
+            && row
+                .checked_at
+                .is_none_or(|t| now - t > time::Duration::SECOND)
+        {
+            self.touches.add(row.leaf_user_id, provider.name, now);
+            self.rows.confirmed_at(row.leaf_user_id, provider.name, now);
+        }
+        let mut row = row.clone();
+        row.checked_at = Some(now);
+        row
+    }
+
     /// Store what Leaf answered for a credential (status, mapping, echoed secrets), adopting it
     /// when credsync did not track it yet. Returns the stored row.
     pub async fn apply_leaf_answer(
@@ -330,34 +373,21 @@ impl Gateway {
         source: StatusSource,
         actor: Actor<'_>,
     ) -> Result<Option<CredentialRow>, ApiError> {
+        if let Some(row) = existing
+            && self.confirms(provider, row, &leaf)?
+        {
+            return Ok(Some(self.confirmed(provider, row, source)));
+        }
         let stored = match existing {
             Some(row) => self.open(provider, row)?,
             None => None,
         };
-        let same = existing.is_some_and(|row| unchanged(row, &leaf));
         let sealed = self.reseal(provider, user, stored.as_ref(), &leaf.secrets)?;
-        if let Some(row) = existing
-            && sealed.is_none()
-            && same
-        {
-            // Nothing to write but `checkedAt`, at most once a second per credential: batched
-            // off the request path; a sync sets it when it releases the credential.
-            let now = time::OffsetDateTime::now_utc();
-            if !matches!(source, StatusSource::Sync)
-                && row
-                    .checked_at
-                    .is_none_or(|t| now - t > time::Duration::SECOND)
-            {
-                self.touches.add(user, provider.name, now);
-            }
-            let mut row = row.clone();
-            row.checked_at = Some(now);
-            return Ok(Some(row));
-        }
         let state = leaf.state(sealed.as_ref());
-        let Some(refreshed) =
-            creds::store_leaf_state(&self.db, user, provider.name, &state, source).await?
-        else {
+        let stored = creds::store_leaf_state(&self.db, user, provider.name, &state, source).await;
+        // This process's next read must not wait for the trigger's notice.
+        self.rows.invalidate(user);
+        let Some(refreshed) = stored? else {
             return Ok(None);
         };
         if refreshed.adopted {
@@ -413,7 +443,9 @@ impl Gateway {
         if let Some(row) = row
             && row.state() == SyncState::Synced
         {
-            creds::purge(&self.db, user, provider.name).await?;
+            let purged = creds::purge(&self.db, user, provider.name).await;
+            self.rows.invalidate(user);
+            purged?;
             self.audit(
                 actor,
                 "credential.vanished",
@@ -601,7 +633,7 @@ impl Gateway {
         reveal: bool,
         actor: Actor<'_>,
     ) -> Result<(Value, Source), ApiError> {
-        let (row, source) = self.read_through(provider, user, actor).await?;
+        let (row, source) = self.read_through(provider, user, reveal, actor).await?;
         let view = self.view(provider, &row, reveal)?;
         if reveal {
             self.audit(
@@ -631,31 +663,65 @@ impl Gateway {
     }
 
     /// Read the credential from Leaf and refresh the local copy, or fall back to the local copy.
+    ///
+    /// A row held in the row cache ([`RowCache`]) that Leaf's answer confirms is answered
+    /// without reading the row (never for `reveal`: a revealed secret is always read from
+    /// Postgres). Any other answer from Leaf is decided on a fresh read of the row.
     async fn read_through(
         &self,
         provider: &Provider,
         user: Uuid,
+        reveal: bool,
         actor: Actor<'_>,
     ) -> Result<(CredentialRow, Source), ApiError> {
-        let local = self.local_row(provider, user).await?;
+        let ticket = self.rows.ticket();
+        let cached = if reveal || ticket.is_none() {
+            None
+        } else {
+            self.rows.get(user, provider.name)
+        };
+        if ticket.is_some() {
+            let result = if cached.is_some() { "hit" } else { "miss" };
+            metrics::counter!("credsync_row_cache_total", "result" => result).increment(1);
+        }
+        let (local, upstream) = match cached {
+            Some(row) => {
+                let upstream = self.leaf_credential(provider, user, actor).await;
+                if let Ok(Some(leaf)) = &upstream
+                    && self.confirms(provider, &row, leaf)?
+                {
+                    let row = self.confirmed(provider, &row, StatusSource::Request);
+                    return Ok((row, Source::Leaf));
+                }
+                (self.local_row(provider, user).await?, Some(upstream))
+            }
+            None => (self.local_row(provider, user).await?, None),
+        };
         if let Some(row) = &local {
             Self::refuse_gone(row)?;
             if row.state() == SyncState::PendingUpstream {
                 return Ok((row.clone(), Source::Cache));
             }
         }
-        match self
-            .leaf
-            .get_credential(provider, user, actor.request_id)
-            .await
-        {
-            Ok(Some(answer)) => {
+        let upstream = match upstream {
+            Some(upstream) => upstream,
+            None => self.leaf_credential(provider, user, actor).await,
+        };
+        match upstream {
+            Ok(Some(leaf)) => {
+                if let Some(row) = &local
+                    && self.confirms(provider, row, &leaf)?
+                {
+                    self.rows.fill(ticket, provider.name, row);
+                    let row = self.confirmed(provider, row, StatusSource::Request);
+                    return Ok((row, Source::Leaf));
+                }
                 let row = self
-                    .apply_leaf_answer(
+                    .apply_leaf_credential(
                         provider,
                         user,
                         local.as_ref(),
-                        answer,
+                        leaf,
                         StatusSource::Request,
                         actor,
                     )
@@ -679,6 +745,20 @@ impl Gateway {
         }
     }
 
+    /// Leaf's answer to a GET of the credential, parsed.
+    async fn leaf_credential(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        actor: Actor<'_>,
+    ) -> Result<Option<LeafCredential>, LeafError> {
+        Ok(self
+            .leaf
+            .get_credential(provider, user, actor.request_id)
+            .await?
+            .map(|answer| LeafCredential::parse(provider, answer)))
+    }
+
     /// The cached status, or Leaf's (read from its GET answer).
     pub async fn status(
         &self,
@@ -700,7 +780,7 @@ impl Gateway {
             )?;
             (row.status, row.checked_at, Source::Cache)
         } else {
-            let (row, source) = self.read_through(provider, user, actor).await?;
+            let (row, source) = self.read_through(provider, user, false, actor).await?;
             (row.status, row.checked_at, source)
         };
         Ok((
@@ -778,7 +858,10 @@ impl Gateway {
             actor.request_id,
             self.outbox_grace,
         )
-        .await?;
+        .await;
+        // Shredded (or nothing to shred): this process's next read asks Postgres again.
+        self.rows.invalidate(user);
+        let before = before?;
         let had_local = before.is_some();
         match self
             .leaf

@@ -8,6 +8,7 @@
 //! - [`crypto`]: the envelope encryption; the only module that sees plaintext secrets.
 //! - [`auth`]: caller JWT verification and scopes.
 //! - [`store`]: Postgres access (credentials, outbox, audit, events, idempotency).
+//! - [`rowcache`]: a serving process's SYNCED rows, kept coherent by Postgres notices.
 //! - [`leaf`]: the HTTP client for Leaf's API.
 //! - [`sim`]: an in-memory Leaf simulator (a test double of the external service only).
 //! - [`pgtemp`]: throwaway Postgres clusters from local binaries (`credsync dev`, tests).
@@ -25,6 +26,7 @@ pub mod http;
 pub mod leaf;
 pub mod pgtemp;
 pub mod rotate;
+pub mod rowcache;
 pub mod sim;
 pub mod store;
 pub mod sync;

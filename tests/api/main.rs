@@ -13,6 +13,7 @@ mod jwt_keys;
 mod ops;
 mod rate_limit;
 mod resilience;
+mod rowcache;
 mod secrets;
 mod sim;
 mod stash;
