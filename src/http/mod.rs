@@ -100,25 +100,18 @@ async fn request_context(
         res.headers_mut()
             .insert(HeaderName::from_static("x-request-id"), v);
     }
+    // The access line carries the request's fields itself: emitted inside the span, the JSON
+    // formatter would re-parse and re-serialize the span's fields on every request.
+    let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+    if status >= 500 {
+        tracing::warn!(request_id = %id, %method, %route, status, elapsed_ms, "request");
+    } else {
+        tracing::info!(request_id = %id, %method, %route, status, elapsed_ms, "request");
+    }
     metrics::counter!("credsync_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status.to_string())
         .increment(1);
     metrics::histogram!("credsync_http_request_duration_seconds", "route" => route, "method" => method)
         .record(elapsed.as_secs_f64());
-    span.in_scope(|| {
-        if status >= 500 {
-            tracing::warn!(
-                status,
-                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-                "request"
-            );
-        } else {
-            tracing::info!(
-                status,
-                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-                "request"
-            );
-        }
-    });
     Ok(res)
 }
 
