@@ -315,7 +315,9 @@ pub fn leaf_settings(src: &Source) -> Result<LeafSettings, ConfigError> {
         .unwrap_or_else(|| "https://api.withleaf.io".into())
         .trim_end_matches('/')
         .to_owned();
-    if !(api_url.starts_with("http://") || api_url.starts_with("https://")) {
+    if !(api_url.starts_with("http://") || api_url.starts_with("https://"))
+        || reqwest::Url::parse(&api_url).is_err()
+    {
         return Err(ConfigError::new(
             "LEAF_API_URL",
             "must be an http:// or https:// URL",

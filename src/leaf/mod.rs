@@ -139,6 +139,8 @@ pub struct LeafClient {
 /// What every clone of a [`LeafClient`] shares.
 struct Shared {
     base: String,
+    /// `base`, parsed once: each call only sets its path.
+    base_url: reqwest::Url,
     auth: LeafAuth,
     token: tokio::sync::RwLock<Option<Token>>,
     renewing: tokio::sync::Mutex<()>,
@@ -180,6 +182,8 @@ impl LeafClient {
             http: http_client(settings.timeout)?,
             shared: std::sync::Arc::new(Shared {
                 base: settings.api_url.clone(),
+                base_url: reqwest::Url::parse(&settings.api_url)
+                    .map_err(|e| anyhow::anyhow!("LEAF_API_URL is not a URL: {e}"))?,
                 auth: settings.auth.clone(),
                 token: tokio::sync::RwLock::new(None),
                 renewing: tokio::sync::Mutex::new(()),
@@ -227,6 +231,14 @@ impl LeafClient {
 
     fn set_auth_health(&self, h: AuthHealth) {
         self.shared.auth_health.store(h as u8, Ordering::Relaxed);
+    }
+
+    /// `base` + `path` (which starts with `/`).
+    fn url(&self, path: &str) -> reqwest::Url {
+        let mut url = self.shared.base_url.clone();
+        let full = format!("{}{path}", url.path().trim_end_matches('/'));
+        url.set_path(&full);
+        url
     }
 
     fn credential_path(provider: &Provider, user: Uuid) -> String {
@@ -502,7 +514,7 @@ impl LeafClient {
         let body = body.map(Zeroizing::new);
         let mut req = self
             .http
-            .request(method, format!("{}{}", self.shared.base, path))
+            .request(method, self.url(path))
             .header("X-Request-Id", request_id);
         if !query.is_empty() {
             req = req.query(query);
@@ -515,9 +527,9 @@ impl LeafClient {
                 .header("Content-Type", "application/json")
                 .body(b.to_vec());
         }
-        let resp = req.send().await.map_err(classify)?;
+        let mut resp = req.send().await.map_err(classify)?;
         let status = resp.status();
-        let headers = resp.headers().clone();
+        let headers = std::mem::take(resp.headers_mut());
         let body = resp.bytes().await.map_err(classify)?;
         Ok(Answer {
             status,
@@ -769,6 +781,29 @@ fn parse_id_token(body: &[u8]) -> Option<(SecretString, Duration)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn call_urls_are_the_base_followed_by_the_path() {
+        for (base, want) in [
+            (
+                "http://127.0.0.1:9000",
+                "http://127.0.0.1:9000/services/x/users/u",
+            ),
+            (
+                "https://leaf.example/prefix",
+                "https://leaf.example/prefix/services/x/users/u",
+            ),
+        ] {
+            let client = LeafClient::new(&LeafSettings {
+                api_url: base.into(),
+                auth: LeafAuth::None,
+                timeout: Duration::from_secs(1),
+                max_rps: 1,
+            })
+            .unwrap();
+            assert_eq!(client.url("/services/x/users/u").as_str(), want);
+        }
+    }
 
     #[test]
     fn events_parse_leniently() {
