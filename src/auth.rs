@@ -39,6 +39,49 @@ pub struct Verifier {
     issuer: Option<String>,
     audience: String,
     leeway: u64,
+    verified: Verified,
+}
+
+/// Tokens verified in the last minute: a caller presenting the same token again skips the
+/// signature check and the claims' JSON (an HS256 check is ~5 % of a forwarded read's CPU, an
+/// RS256 one several times that). The keys are fixed for the process's life, so a token that
+/// verified once verifies again until `exp` (plus the leeway) passes; an entry is trusted until
+/// then, and never for more than [`Verified::FOR_SECS`]. Keyed by the whole token: presenting
+/// another token (or a forged one) is a miss, and a token that fails is never held.
+#[derive(Default)]
+struct Verified(std::sync::Mutex<std::collections::HashMap<Box<str>, (Caller, i64)>>);
+
+impl Verified {
+    const FOR_SECS: i64 = 60;
+    const MAX: usize = 10_000;
+
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Box<str>, (Caller, i64)>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, token: &str, now: i64) -> Option<Caller> {
+        let map = self.map();
+        let (caller, until) = map.get(token)?;
+        (now < *until).then(|| caller.clone())
+    }
+
+    fn put(&self, token: &str, caller: &Caller, until: i64) {
+        let mut map = self.map();
+        if map.len() >= Self::MAX {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            map.retain(|_, (_, t)| now < *t);
+            if map.len() >= Self::MAX {
+                map.clear();
+            }
+        }
+        map.insert(token.into(), (caller.clone(), until));
+    }
+
+    fn len(&self) -> usize {
+        self.map().len()
+    }
 }
 
 impl std::fmt::Debug for Verifier {
@@ -60,6 +103,9 @@ struct Claims {
     scp: Option<serde_json::Value>,
     #[serde(default)]
     scopes: Option<serde_json::Value>,
+    /// Required by the validation; read again to know how long the token stays valid.
+    #[serde(default)]
+    exp: Option<i64>,
 }
 
 fn scope_strings(v: &serde_json::Value, out: &mut Vec<String>) {
@@ -112,6 +158,7 @@ impl Verifier {
             issuer: settings.issuer.clone(),
             audience: settings.audience.clone(),
             leeway: settings.leeway_secs,
+            verified: Verified::default(),
         };
         v.self_check()?;
         Ok(v)
@@ -159,6 +206,29 @@ impl Verifier {
         if token.is_empty() {
             return Err("empty token");
         }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if let Some(caller) = self.verified.get(token, now) {
+            return Ok(caller);
+        }
+        let (caller, exp) = self.verify_uncached(token)?;
+        if let Some(exp) = exp {
+            let leeway = i64::try_from(self.leeway).unwrap_or(0);
+            // Valid while now <= exp + leeway (jsonwebtoken's rule, in whole seconds).
+            let until = exp
+                .saturating_add(leeway)
+                .saturating_add(1)
+                .min(now.saturating_add(Verified::FOR_SECS));
+            self.verified.put(token, &caller, until);
+        }
+        Ok(caller)
+    }
+
+    /// Tokens held as verified (tests).
+    pub fn verified_tokens(&self) -> usize {
+        self.verified.len()
+    }
+
+    fn verify_uncached(&self, token: &str) -> Result<(Caller, Option<i64>), &'static str> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| "malformed token or unsupported algorithm")?;
         let claims = match header.alg {
@@ -219,10 +289,13 @@ impl Verifier {
         {
             scope_strings(v, &mut scopes);
         }
-        Ok(Caller {
-            sub,
-            scopes: Scopes::from_strs(scopes.iter().map(String::as_str)),
-        })
+        Ok((
+            Caller {
+                sub,
+                scopes: Scopes::from_strs(scopes.iter().map(String::as_str)),
+            },
+            claims.exp,
+        ))
     }
 
     fn decode(
@@ -444,6 +517,25 @@ mod tests {
         let c = verifier().verify(&t).unwrap();
         assert_eq!(c.sub, "svc-a");
         assert!(c.scopes.allows(crate::domain::Scope::StatusRead));
+    }
+
+    #[test]
+    fn a_verified_token_is_held_until_it_expires_and_a_refused_one_never() {
+        let secret = SecretString::from("0123456789abcdef0123");
+        let v = verifier();
+        let t = mint(&secret, "svc-a", "credentials:read", "credsync", None, 2).unwrap();
+        assert_eq!(v.verify(&t).unwrap().sub, "svc-a");
+        assert_eq!(v.verified_tokens(), 1);
+        assert_eq!(v.verify(&t).unwrap().sub, "svc-a");
+        // Another signature over the same claims is another token: checked, refused, not held.
+        let i = t.len() - 10;
+        let other = if &t[i..=i] == "A" { "B" } else { "A" };
+        let forged = format!("{}{other}{}", &t[..i], &t[i + 1..]);
+        assert!(v.verify(&forged).is_err());
+        assert_eq!(v.verified_tokens(), 1);
+        // Held no longer than exp (leeway 0 here): then refused as expired.
+        std::thread::sleep(std::time::Duration::from_millis(3100));
+        assert_eq!(v.verify(&t).unwrap_err(), "expired");
     }
 
     #[test]
