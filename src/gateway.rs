@@ -199,6 +199,9 @@ impl LeafCredential {
     }
 }
 
+/// A stored row's secrets, already opened (`None`: the row holds none).
+struct Opened(Option<SecretFields>);
+
 /// The held secrets with Leaf's echoed ones over them (Leaf may add some, e.g. `accessToken`).
 fn merge(held: Option<&SecretFields>, echoed: &SecretFields) -> SecretFields {
     let mut merged = SecretFields::default();
@@ -309,20 +312,23 @@ impl Gateway {
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("cannot seal: {e}")))
     }
 
-    /// Whether Leaf's answer says nothing new about the stored `row`: nothing to write.
+    /// Whether Leaf's answer says nothing new about the stored `row` (nothing to write): then
+    /// the row's secrets, opened to compare them with Leaf's echo (the view needs them too).
     fn confirms(
         &self,
         provider: &Provider,
         row: &CredentialRow,
         leaf: &LeafCredential,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<Option<Opened>, ApiError> {
         if !unchanged(row, leaf) {
-            return Ok(false);
+            return Ok(None);
         }
-        Ok(match self.open(provider, row)? {
-            Some(stored) => echo_matches(&stored, &leaf.secrets),
+        let stored = self.open(provider, row)?;
+        let same = match &stored {
+            Some(stored) => echo_matches(stored, &leaf.secrets),
             None => leaf.secrets.0.is_empty(),
-        })
+        };
+        Ok(same.then_some(Opened(stored)))
     }
 
     /// The row Leaf confirmed, `checkedAt` now. Nothing is written but `checkedAt`, at most
@@ -374,7 +380,7 @@ impl Gateway {
         actor: Actor<'_>,
     ) -> Result<Option<CredentialRow>, ApiError> {
         if let Some(row) = existing
-            && self.confirms(provider, row, &leaf)?
+            && self.confirms(provider, row, &leaf)?.is_some()
         {
             return Ok(Some(self.confirmed(provider, row, source)));
         }
@@ -633,8 +639,12 @@ impl Gateway {
         reveal: bool,
         actor: Actor<'_>,
     ) -> Result<(Value, Source), ApiError> {
-        let (row, source) = self.read_through(provider, user, reveal, actor).await?;
-        let view = self.view(provider, &row, reveal)?;
+        let (row, source, opened) = self.read_through(provider, user, reveal, actor).await?;
+        let secrets = match opened {
+            Some(Opened(secrets)) => secrets,
+            None => self.open(provider, &row)?,
+        };
+        let view = credential_view(provider, &row, secrets.as_ref(), reveal);
         if reveal {
             self.audit(
                 actor,
@@ -673,7 +683,7 @@ impl Gateway {
         user: Uuid,
         reveal: bool,
         actor: Actor<'_>,
-    ) -> Result<(CredentialRow, Source), ApiError> {
+    ) -> Result<(CredentialRow, Source, Option<Opened>), ApiError> {
         let ticket = self.rows.ticket();
         let cached = if reveal || ticket.is_none() {
             None
@@ -688,10 +698,10 @@ impl Gateway {
             Some(row) => {
                 let upstream = self.leaf_credential(provider, user, actor).await;
                 if let Ok(Some(leaf)) = &upstream
-                    && self.confirms(provider, &row, leaf)?
+                    && let Some(opened) = self.confirms(provider, &row, leaf)?
                 {
                     let row = self.confirmed(provider, &row, StatusSource::Request);
-                    return Ok((row, Source::Leaf));
+                    return Ok((row, Source::Leaf, Some(opened)));
                 }
                 (self.local_row(provider, user).await?, Some(upstream))
             }
@@ -700,7 +710,7 @@ impl Gateway {
         if let Some(row) = &local {
             Self::refuse_gone(row)?;
             if row.state() == SyncState::PendingUpstream {
-                return Ok((row.clone(), Source::Cache));
+                return Ok((row.clone(), Source::Cache, None));
             }
         }
         let upstream = match upstream {
@@ -710,11 +720,11 @@ impl Gateway {
         match upstream {
             Ok(Some(leaf)) => {
                 if let Some(row) = &local
-                    && self.confirms(provider, row, &leaf)?
+                    && let Some(opened) = self.confirms(provider, row, &leaf)?
                 {
                     self.rows.fill(ticket, provider.name, row);
                     let row = self.confirmed(provider, row, StatusSource::Request);
-                    return Ok((row, Source::Leaf));
+                    return Ok((row, Source::Leaf, Some(opened)));
                 }
                 let row = self
                     .apply_leaf_credential(
@@ -731,14 +741,14 @@ impl Gateway {
                             "the credential is being deleted (delete pending at Leaf)".into(),
                         )
                     })?;
-                Ok((row, Source::Leaf))
+                Ok((row, Source::Leaf, None))
             }
             Ok(None) => {
                 self.vanish(provider, user, local.as_ref(), actor).await?;
                 Err(ApiError::NotFound("no credential for this user".into()))
             }
             Err(e) if e.is_unavailable() => match local {
-                Some(row) => Ok((row, Source::Cache)),
+                Some(row) => Ok((row, Source::Cache, None)),
                 None => Err(e.into_api_error(&[])),
             },
             Err(e) => Err(e.into_api_error(&[])),
@@ -780,7 +790,7 @@ impl Gateway {
             )?;
             (row.status, row.checked_at, Source::Cache)
         } else {
-            let (row, source) = self.read_through(provider, user, false, actor).await?;
+            let (row, source, _) = self.read_through(provider, user, false, actor).await?;
             (row.status, row.checked_at, source)
         };
         Ok((
