@@ -76,69 +76,122 @@ async fn rewrap_pass(
     totals: &mut Totals,
     progress: &mut impl FnMut(&Totals),
 ) -> anyhow::Result<()> {
-    let active = keyring.active_id().to_owned();
     let mut after: (Uuid, String) = (Uuid::nil(), String::new());
     loop {
-        let mut tx = pool.begin().await?;
-        let rows: Vec<SealedRow> = sqlx::query_as(
-            "select leaf_user_id, provider, key_id, wrapped_key, secrets from credential
-             where key_id is not null and (leaf_user_id, provider) > ($1, $2)
-               and (not $4 or key_id <> $5)
-             order by leaf_user_id, provider limit $3 for update",
-        )
-        .bind(after.0)
-        .bind(&after.1)
-        .bind(batch)
-        .bind(only_stale)
-        .bind(&active)
-        .fetch_all(&mut *tx)
-        .await?;
-        let Some(last) = rows.last() else { break };
-        after = (last.0, last.1.clone());
-        let mut done = 0i64;
-        for (user, provider, key_id, wrapped_key, secrets) in rows {
-            let sealed = Sealed {
-                key_id,
-                wrapped_key,
-                secrets,
-            };
-            match keyring.rewrap(
-                Binding {
-                    leaf_user_id: &user,
-                    provider: &provider,
-                },
-                &sealed,
-            ) {
-                Ok(None) => totals.already_active += 1,
-                Ok(Some(new)) => {
-                    sqlx::query(
-                        "update credential set key_id = $3, wrapped_key = $4 where leaf_user_id = $1 and provider = $2 and key_id = $5",
-                    )
-                    .bind(user)
-                    .bind(&provider)
-                    .bind(&new.key_id)
-                    .bind(&new.wrapped_key)
-                    .bind(&sealed.key_id)
-                    .execute(&mut *tx)
-                    .await?;
-                    totals.rewrapped += 1;
-                    done += 1;
+        let mut attempt = 0;
+        let done = loop {
+            match rewrap_batch(pool, keyring, batch, only_stale, &after).await {
+                Err(e) if attempt < BATCH_RETRIES && is_transient(&e) => {
+                    // Postgres rolled the batch back (it crossed a replica's write): nothing of it
+                    // was written, and the same rows are selected again.
+                    attempt += 1;
+                    tracing::info!(attempt, error = %e, "rotation batch rolled back; retrying it");
+                    tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(attempt)))
+                        .await;
                 }
-                Err(e) => {
-                    totals.unreadable += 1;
-                    tracing::error!(leaf_user_id = %user, provider, error = %e, "cannot re-wrap this credential");
-                }
+                other => break other?,
             }
-        }
-        sqlx::query("update encryption_key set encryptions = encryptions + $2 where key_id = $1")
-            .bind(&active)
-            .bind(done)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        };
+        let Some(done) = done else { break };
+        after = done.last;
+        totals.rewrapped += done.rewrapped;
+        totals.already_active += done.already_active;
+        totals.unreadable += done.unreadable;
         progress(totals);
     }
     Ok(())
+}
+
+/// Times a batch is tried again after a deadlock or a serialization failure.
+const BATCH_RETRIES: u32 = 5;
+
+/// A deadlock or a serialization failure: the transaction was rolled back and may be retried.
+fn is_transient(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "40P01" || c == "40001")
+}
+
+/// What one committed batch did.
+struct Batch {
+    last: (Uuid, String),
+    rewrapped: u64,
+    already_active: u64,
+    unreadable: u64,
+}
+
+/// Re-wrap the next `batch` rows after `after` in one transaction; `None` when none are left.
+async fn rewrap_batch(
+    pool: &sqlx::PgPool,
+    keyring: &Keyring,
+    batch: i64,
+    only_stale: bool,
+    after: &(Uuid, String),
+) -> Result<Option<Batch>, sqlx::Error> {
+    let active = keyring.active_id();
+    let mut tx = pool.begin().await?;
+    let rows: Vec<SealedRow> = sqlx::query_as(
+        "select leaf_user_id, provider, key_id, wrapped_key, secrets from credential
+         where key_id is not null and (leaf_user_id, provider) > ($1, $2)
+           and (not $4 or key_id <> $5)
+         order by leaf_user_id, provider limit $3 for update",
+    )
+    .bind(after.0)
+    .bind(&after.1)
+    .bind(batch)
+    .bind(only_stale)
+    .bind(active)
+    .fetch_all(&mut *tx)
+    .await?;
+    let Some(last) = rows.last() else {
+        return Ok(None);
+    };
+    let mut done = Batch {
+        last: (last.0, last.1.clone()),
+        rewrapped: 0,
+        already_active: 0,
+        unreadable: 0,
+    };
+    for (user, provider, key_id, wrapped_key, secrets) in rows {
+        let sealed = Sealed {
+            key_id,
+            wrapped_key,
+            secrets,
+        };
+        match keyring.rewrap(
+            Binding {
+                leaf_user_id: &user,
+                provider: &provider,
+            },
+            &sealed,
+        ) {
+            Ok(None) => done.already_active += 1,
+            Ok(Some(new)) => {
+                sqlx::query(
+                    "update credential set key_id = $3, wrapped_key = $4 where leaf_user_id = $1 and provider = $2 and key_id = $5",
+                )
+                .bind(user)
+                .bind(&provider)
+                .bind(&new.key_id)
+                .bind(&new.wrapped_key)
+                .bind(&sealed.key_id)
+                .execute(&mut *tx)
+                .await?;
+                done.rewrapped += 1;
+            }
+            Err(e) => {
+                done.unreadable += 1;
+                tracing::error!(leaf_user_id = %user, provider, error = %e, "cannot re-wrap this credential");
+            }
+        }
+    }
+    sqlx::query("update encryption_key set encryptions = encryptions + $2 where key_id = $1")
+        .bind(active)
+        .bind(i64::try_from(done.rewrapped).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some(done))
 }
 
 /// The CLI command.

@@ -434,6 +434,71 @@ async fn serve_refuses_to_start_when_stored_data_needs_a_key_it_does_not_have() 
 }
 
 #[tokio::test]
+async fn a_rotation_batch_that_deadlocks_with_a_writer_is_rolled_back_and_retried() {
+    let db_url = crate::db::fresh_database_url().await;
+    let app = spawn_app_with(keyed(&db_url, key_a())).await;
+    let mut users: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+    for u in &users {
+        assert_eq!(app.create(*u, &body_for(*u)).await.status(), 201);
+    }
+    users.sort();
+    async fn lock(tx: &mut sqlx::PgConnection, user: Uuid) -> Result<(), sqlx::Error> {
+        sqlx::query("select 1 from credential where leaf_user_id = $1 for update")
+            .bind(user)
+            .execute(tx)
+            .await
+            .map(|_| ())
+    }
+    // A writer holds the last row in key order. Its own deadlock check waits 10 s, so the
+    // rotation's backend (waiting first, checking after 1 s) is the one Postgres rolls back.
+    let mut writer = app.db.begin().await.unwrap();
+    sqlx::query("set local deadlock_timeout = '10s'")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    lock(&mut writer, users[3]).await.unwrap();
+    let keyring = credsync::config::keyring(&credsync::config::Source::from_pairs([
+        (
+            "CREDSYNC_ENCRYPTION_KEYS",
+            format!("{},{}", key_a(), key_b()),
+        ),
+        ("CREDSYNC_ACTIVE_KEY_ID", KEY_B.to_owned()),
+    ]))
+    .unwrap();
+    let pool = credsync::store::pool(&secrecy::SecretString::from(db_url.clone()), 2).unwrap();
+    let rotation =
+        tokio::spawn(async move { credsync::rotate::rotate(&pool, &keyring, 10, |_| {}).await });
+    // The rotation's one batch holds the first three rows and waits for the writer's.
+    wait_until(
+        "the rotation to wait for the writer",
+        Duration::from_secs(10),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity
+             where datname = current_database() and wait_event_type = 'Lock'",
+            )
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+            waiting > 0
+        },
+    )
+    .await;
+    // The writer now asks for the first row: a deadlock. The rotation's batch is rolled back,
+    // which gives the writer its row.
+    lock(&mut writer, users[0]).await.unwrap();
+    writer.commit().await.unwrap();
+    let totals = rotation.await.unwrap().unwrap();
+    assert_eq!(totals.rewrapped, 4);
+    assert_eq!(totals.unreadable, 0);
+    assert_eq!(
+        keys_in_use(&app).await,
+        HashMap::from([(KEY_B.into(), 4)]),
+        "everything is under the new key"
+    );
+}
+
+#[tokio::test]
 async fn rotating_while_serve_runs_loses_nothing_and_leaves_nothing_behind() {
     let started = Instant::now();
     let db_url = crate::db::fresh_database_url().await;
