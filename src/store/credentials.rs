@@ -477,10 +477,20 @@ pub async fn touch_checked_many(
     let users: Vec<Uuid> = sorted.iter().map(|t| t.0).collect();
     let providers: Vec<&str> = sorted.iter().map(|t| t.1).collect();
     let ats: Vec<OffsetDateTime> = sorted.iter().map(|t| t.2).collect();
+    // The rows are locked in primary-key order first, as `keys rotate` locks its batches: an
+    // update joined in whatever order the planner picks (a hash join over a small table scans
+    // it in physical order) could deadlock with a rotation batch.
     sqlx::query(
-        "update credential c set checked_at = greatest(c.checked_at, t.at)
-         from unnest($1::uuid[], $2::text[], $3::timestamptz[]) as t(u, p, at)
-         where c.leaf_user_id = t.u and c.provider = t.p and c.sync_state = 'SYNCED'",
+        "with locked as materialized (
+             select c.leaf_user_id, c.provider from credential c
+             join unnest($1::uuid[], $2::text[]) as k(u, p) on c.leaf_user_id = k.u and c.provider = k.p
+             where c.sync_state = 'SYNCED'
+             order by c.leaf_user_id, c.provider
+             for update of c)
+         update credential c set checked_at = greatest(c.checked_at, t.at)
+         from unnest($1::uuid[], $2::text[], $3::timestamptz[]) as t(u, p, at), locked l
+         where c.leaf_user_id = t.u and c.provider = t.p
+           and l.leaf_user_id = t.u and l.provider = t.p",
     )
     .bind(users)
     .bind(providers)
