@@ -243,6 +243,18 @@ impl TestApp {
             .unwrap()
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.address))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn sim_put(&self, path: &str, body: Value) -> reqwest::Response {
         self.client
             .put(format!("{}{path}", self.sim_url))

@@ -26,15 +26,7 @@ async fn health_readiness_metrics_and_openapi_answer_without_a_token() {
     assert_eq!(v["database"], "ok");
     assert_eq!(v["migrations"], "applied");
     app.create(Uuid::new_v4(), &body("c", "metrics00000")).await;
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     for name in [
         "credsync_http_requests_total",
         "credsync_http_request_duration_seconds",

@@ -100,15 +100,7 @@ async fn a_read_leaf_confirms_comes_from_the_cache_until_a_change_is_announced()
             "served from the cache"
         );
     }
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains(r#"credsync_row_cache_total{result="hit"}"#));
     // /status (from Leaf) takes the same path.
     let r = app

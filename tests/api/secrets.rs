@@ -108,15 +108,7 @@ async fn no_secret_value_appears_in_answers_logs_metrics_or_tables() {
         .await
         .unwrap();
     keep(format!("{} {}", r.status(), r.text().await.unwrap()));
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     let tables = app.dump_all_tables().await;
     let logs = captured_logs();
     assert!(logs.contains("request"), "logs were captured");

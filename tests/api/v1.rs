@@ -1222,15 +1222,7 @@ async fn an_alert_for_an_unknown_credential_is_a_204_and_counted() {
             .await,
         0
     );
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     let line = metrics
         .lines()
         .find(|l| l.starts_with("credsync_alerts_unknown_credential_total"))
