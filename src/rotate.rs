@@ -7,6 +7,7 @@
 //! pass runs (a replica still sealing with an older active key) are taken by a further pass over
 //! what is left. Rows that stay under another key (not configured, retired, or not openable) are
 //! counted and reported, never dropped.
+use backon::Retryable as _;
 use secrecy::SecretString;
 use uuid::Uuid;
 
@@ -78,20 +79,19 @@ async fn rewrap_pass(
 ) -> anyhow::Result<()> {
     let mut after: (Uuid, String) = (Uuid::nil(), String::new());
     loop {
-        let mut attempt = 0;
-        let done = loop {
-            match rewrap_batch(pool, keyring, batch, only_stale, &after).await {
-                Err(e) if attempt < BATCH_RETRIES && is_transient(&e) => {
-                    // Postgres rolled the batch back (it crossed a replica's write): nothing of it
-                    // was written, and the same rows are selected again.
-                    attempt += 1;
-                    tracing::info!(attempt, error = %e, "rotation batch rolled back; retrying it");
-                    tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(attempt)))
-                        .await;
-                }
-                other => break other?,
-            }
-        };
+        // A batch Postgres rolled back (it crossed a replica's write) wrote nothing of it: the
+        // same rows are selected again.
+        let done = (|| rewrap_batch(pool, keyring, batch, only_stale, &after))
+            .retry(
+                backon::ExponentialBuilder::default()
+                    .with_min_delay(std::time::Duration::from_millis(50))
+                    .with_max_times(BATCH_RETRIES),
+            )
+            .when(is_transient)
+            .notify(|e, delay| {
+                tracing::info!(error = %e, ?delay, "rotation batch rolled back; retrying it");
+            })
+            .await?;
         let Some(done) = done else { break };
         after = done.last;
         totals.rewrapped += done.rewrapped;
@@ -103,7 +103,7 @@ async fn rewrap_pass(
 }
 
 /// Times a batch is tried again after a deadlock or a serialization failure.
-const BATCH_RETRIES: u32 = 5;
+const BATCH_RETRIES: usize = 5;
 
 /// A deadlock or a serialization failure: the transaction was rolled back and may be retried.
 fn is_transient(e: &sqlx::Error) -> bool {
