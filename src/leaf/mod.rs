@@ -138,9 +138,8 @@ pub struct LeafClient {
 
 /// What every clone of a [`LeafClient`] shares.
 struct Shared {
-    base: String,
-    /// `base`, parsed once: each call only sets its path.
-    base_url: reqwest::Url,
+    /// `LEAF_API_URL`, parsed once: each call only sets its path.
+    base: reqwest::Url,
     auth: LeafAuth,
     token: tokio::sync::RwLock<Option<Token>>,
     renewing: tokio::sync::Mutex<()>,
@@ -154,7 +153,7 @@ struct Shared {
 impl std::fmt::Debug for LeafClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LeafClient")
-            .field("base", &self.shared.base)
+            .field("base", &self.shared.base.as_str())
             .finish_non_exhaustive()
     }
 }
@@ -181,8 +180,7 @@ impl LeafClient {
         Ok(LeafClient {
             http: http_client(settings.timeout)?,
             shared: std::sync::Arc::new(Shared {
-                base: settings.api_url.clone(),
-                base_url: reqwest::Url::parse(&settings.api_url)
+                base: reqwest::Url::parse(&settings.api_url)
                     .map_err(|e| anyhow::anyhow!("LEAF_API_URL is not a URL: {e}"))?,
                 auth: settings.auth.clone(),
                 token: tokio::sync::RwLock::new(None),
@@ -213,10 +211,6 @@ impl LeafClient {
         self.shared.max_rps
     }
 
-    pub fn base_url(&self) -> &str {
-        &self.shared.base
-    }
-
     pub fn auth_health(&self) -> AuthHealth {
         match self.shared.auth_health.load(Ordering::Relaxed) {
             1 => AuthHealth::Ok,
@@ -235,7 +229,7 @@ impl LeafClient {
 
     /// `base` + `path` (which starts with `/`).
     fn url(&self, path: &str) -> reqwest::Url {
-        let mut url = self.shared.base_url.clone();
+        let mut url = self.shared.base.clone();
         let full = format!("{}{path}", url.path().trim_end_matches('/'));
         url.set_path(&full);
         url
