@@ -67,10 +67,9 @@ impl Verified {
         (now < *until).then(|| caller.clone())
     }
 
-    fn put(&self, token: &str, caller: &Caller, until: i64) {
+    fn put(&self, token: &str, caller: &Caller, now: i64, until: i64) {
         let mut map = self.map();
         if map.len() >= Self::MAX {
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
             map.retain(|_, (_, t)| now < *t);
             if map.len() >= Self::MAX {
                 map.clear();
@@ -218,7 +217,7 @@ impl Verifier {
                 .saturating_add(leeway)
                 .saturating_add(1)
                 .min(now.saturating_add(Verified::FOR_SECS));
-            self.verified.put(token, &caller, until);
+            self.verified.put(token, &caller, now, until);
         }
         Ok(caller)
     }
