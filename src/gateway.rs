@@ -638,13 +638,17 @@ impl Gateway {
         user: Uuid,
         reveal: bool,
         actor: Actor<'_>,
-    ) -> Result<(Value, Source), ApiError> {
+    ) -> Result<(View, Source), ApiError> {
         let (row, source, opened) = self.read_through(provider, user, reveal, actor).await?;
         let secrets = match opened {
             Some(Opened(secrets)) => secrets,
             None => self.open(provider, &row)?,
         };
-        let view = credential_view(provider, &row, secrets.as_ref(), reveal);
+        let view = View {
+            row,
+            secrets,
+            reveal,
+        };
         if reveal {
             self.audit(
                 actor,
@@ -970,7 +974,33 @@ fn sort_events(list: &mut [Event], ascending: bool) {
     });
 }
 
+/// What a credential view (SPEC §5) is made of: the row, its opened secrets, and whether they
+/// are shown in full (`reveal`) or redacted.
+pub struct View {
+    pub row: CredentialRow,
+    pub secrets: Option<SecretFields>,
+    pub reveal: bool,
+}
+
+impl View {
+    pub fn to_value(&self, provider: &Provider) -> Value {
+        credential_view(provider, &self.row, self.secrets.as_ref(), self.reveal)
+    }
+}
+
+/// The `scopes` of a credential view: Leaf's `tokenMetadata.scopes`, else its `scopes`, when
+/// that is an array (`None`: an empty array is shown).
+pub fn view_scopes(public: &Map<String, Value>) -> Option<&Value> {
+    public
+        .get("tokenMetadata")
+        .and_then(|m| m.get("scopes"))
+        .or_else(|| public.get("scopes"))
+        .filter(|v| v.is_array())
+}
+
 /// The credential view (SPEC §5): a superset of Leaf's answer and of the older page's form.
+/// The forwarded GET writes the same view straight into its body (`http::credentials`); a
+/// property test holds the two equal.
 pub fn credential_view(
     provider: &Provider,
     row: &CredentialRow,
@@ -1009,12 +1039,8 @@ pub fn credential_view(
         });
         out.insert(name.into(), v);
     }
-    let scopes = public
-        .get("tokenMetadata")
-        .and_then(|m| m.get("scopes"))
-        .or_else(|| public.get("scopes"))
+    let scopes = view_scopes(public)
         .cloned()
-        .filter(Value::is_array)
         .unwrap_or_else(|| Value::Array(Vec::new()));
     out.insert("scopes".into(), scopes.clone());
     out.insert("tokenMetadata".into(), json!({ "scopes": scopes }));

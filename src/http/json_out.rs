@@ -96,6 +96,14 @@ impl<'b> JsonObject<'b> {
         }
     }
 
+    /// Any JSON value (a field Leaf answered with), as `serde_json` writes it.
+    pub fn value(&mut self, key: &'static str, v: &serde_json::Value) {
+        let buf = self.key(key);
+        if let Err(e) = serde_json::to_writer(&mut *buf, v) {
+            self.failed.get_or_insert(e);
+        }
+    }
+
     /// A nested object as the value of `key`; close it before writing the next field here.
     pub fn object(&mut self, key: &'static str) -> JsonObject<'_> {
         JsonObject::open(self.key(key))
