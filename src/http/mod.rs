@@ -10,6 +10,8 @@ mod ops;
 mod sync_routes;
 pub mod v1;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,6 +75,61 @@ fn valid_request_id(v: &HeaderValue) -> Option<String> {
     .then(|| s.to_owned())
 }
 
+/// A method as a metrics and log label: the standard ones by name, anything else `other` (a
+/// caller must not be able to mint new label values).
+fn method_label(m: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
+/// The HTTP metrics of one (route, method, status).
+struct HttpMetrics {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+type HttpMetricsByRoute = HashMap<String, HashMap<(&'static str, u16), HttpMetrics>>;
+
+thread_local! {
+    /// Each worker thread's handles, so that a request does not build the labels and look them
+    /// up in the recorder's registry again. Routes are patterns and methods a fixed set, so the
+    /// map stays small; it stops growing at `MAX_CACHED_METRICS` all the same.
+    static HTTP_METRICS: RefCell<HttpMetricsByRoute> = RefCell::new(HashMap::new());
+}
+const MAX_CACHED_METRICS: usize = 1024;
+
+fn record_http_metrics(route: String, method: &'static str, status: u16, elapsed: Duration) {
+    let register = |route: &str| HttpMetrics {
+        requests: metrics::counter!("credsync_http_requests_total", "route" => route.to_owned(), "method" => method, "status" => status.to_string()),
+        duration: metrics::histogram!("credsync_http_request_duration_seconds", "route" => route.to_owned(), "method" => method),
+    };
+    let record = |m: &HttpMetrics| {
+        m.requests.increment(1);
+        m.duration.record(elapsed.as_secs_f64());
+    };
+    HTTP_METRICS.with_borrow_mut(|cache| {
+        if let Some(m) = cache.get(&route).and_then(|r| r.get(&(method, status))) {
+            return record(m);
+        }
+        let m = register(&route);
+        record(&m);
+        if cache.values().map(HashMap::len).sum::<usize>() < MAX_CACHED_METRICS {
+            cache.entry(route).or_default().insert((method, status), m);
+        }
+    });
+}
+
 /// Request id, access log and HTTP metrics for every request.
 async fn request_context(
     req: ServiceRequest,
@@ -84,18 +141,19 @@ async fn request_context(
         .and_then(valid_request_id)
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
-    let route = req
-        .match_pattern()
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let started = Instant::now();
-    let span = tracing::info_span!("request", request_id = %id, %method, %route);
+    // The route is known once the request was routed (below, without matching the path again).
+    let span = tracing::info_span!("request", request_id = %id, method);
     let result =
-        tracing::Instrument::instrument(REQUEST_ID.scope(id.clone(), next.call(req)), span.clone())
-            .await;
+        tracing::Instrument::instrument(REQUEST_ID.scope(id.clone(), next.call(req)), span).await;
     let mut res = result?;
     let status = res.status().as_u16();
     let elapsed = started.elapsed();
+    let route = res
+        .request()
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut()
             .insert(HeaderName::from_static("x-request-id"), v);
@@ -104,14 +162,11 @@ async fn request_context(
     // formatter would re-parse and re-serialize the span's fields on every request.
     let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
     if status >= 500 {
-        tracing::warn!(request_id = %id, %method, %route, status, elapsed_ms, "request");
+        tracing::warn!(request_id = %id, method, %route, status, elapsed_ms, "request");
     } else {
-        tracing::info!(request_id = %id, %method, %route, status, elapsed_ms, "request");
+        tracing::info!(request_id = %id, method, %route, status, elapsed_ms, "request");
     }
-    metrics::counter!("credsync_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status.to_string())
-        .increment(1);
-    metrics::histogram!("credsync_http_request_duration_seconds", "route" => route, "method" => method)
-        .record(elapsed.as_secs_f64());
+    record_http_metrics(route, method, status, elapsed);
     Ok(res)
 }
 
