@@ -191,7 +191,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }),
         Command::LeafSim(args) => {
-            crate::telemetry::init(config::log_format(&source)?);
+            let _log = crate::telemetry::init(config::log_format(&source)?);
             let opts = crate::sim::SimOptions {
                 token_ttl: std::time::Duration::from_secs(args.token_ttl_secs.max(1)),
                 username: args.username,
@@ -201,7 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(crate::sim::run_forever(&args.listen, opts))
         }
         Command::Migrate => {
-            crate::telemetry::init(config::log_format(&source)?);
+            let _log = crate::telemetry::init(config::log_format(&source)?);
             let url = config::database_url(&source)?;
             runtime()?.block_on(async move {
                 let pool = crate::store::pool(&url, 2)?;
@@ -211,7 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Serve(args) => {
-            crate::telemetry::init(config::log_format(&source)?);
+            let _log = crate::telemetry::init(config::log_format(&source)?);
             let settings = if args.sync_only {
                 Settings::for_worker(&source)?
             } else {
@@ -225,17 +225,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(serve(settings, opts))
         }
         Command::Dev => {
-            crate::telemetry::init(config::log_format(&source)?);
+            let _log = crate::telemetry::init(config::log_format(&source)?);
             runtime()?.block_on(crate::dev::run(source))
         }
         Command::Keys(KeysCommand::Rotate { batch }) => {
-            crate::telemetry::init(config::log_format(&source)?);
+            let _log = crate::telemetry::init(config::log_format(&source)?);
             let url = config::database_url(&source)?;
             let keyring = config::keyring(&source)?;
             runtime()?.block_on(crate::rotate::run(&url, &keyring, batch.clamp(1, 10_000)))
         }
         Command::Sync(args) => {
-            crate::telemetry::init(config::log_format(&source)?);
+            let _log = crate::telemetry::init(config::log_format(&source)?);
             let settings = Settings::for_worker(&source)?;
             let mut users = Vec::new();
             for u in &args.users {
@@ -258,7 +258,12 @@ async fn serve(settings: Settings, opts: RunOptions) -> anyhow::Result<()> {
     } else {
         tracing::info!("credsync sync worker running (no HTTP API)");
     }
-    app.run_until_stopped().await
+    let result = app.run_until_stopped().await;
+    match &result {
+        Ok(()) => tracing::info!("credsync stopped"),
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "credsync stopped on an error"),
+    }
+    result
 }
 
 /// Quote a value for a shell line.

@@ -42,7 +42,7 @@ pub fn format(t: OffsetDateTime) -> String {
 }
 
 /// Call `f` with the canonical form, borrowed from a stack buffer where the fast path applies.
-fn with_canonical<R>(t: OffsetDateTime, f: impl FnOnce(&str) -> R) -> R {
+pub fn with_canonical<R>(t: OffsetDateTime, f: impl FnOnce(&str) -> R) -> R {
     let fast = canonical_bytes(t);
     match fast.as_ref().map(|b| std::str::from_utf8(b)) {
         Some(Ok(s)) => f(s),

@@ -1191,3 +1191,104 @@ async fn queued_writes_survive_sigkill_and_sigterm_releases_leases() {
     drop(sim);
     eprintln!("leaf outage + kill test: {:?}", started.elapsed());
 }
+
+/// Log lines are written in batches (`telemetry::Batched`): one still reaches stderr promptly
+/// while the process runs, and none is lost when it exits.
+#[tokio::test]
+async fn the_binary_writes_each_log_line_while_it_runs_and_every_line_by_its_exit() {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let db_url = crate::db::fresh_database_url().await;
+    let sim = SimServer::start(
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        SimOptions {
+            username: Some("leaf-user".into()),
+            password: Some("leaf-pass".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let port = free_port();
+    let mut env = base_env(&db_url, &sim.base_url());
+    env.retain(|(k, _)| k != "CREDSYNC_LISTEN");
+    env.push(("CREDSYNC_LISTEN".into(), format!("127.0.0.1:{port}")));
+    let mut child = credsync_bin(&env)
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let reader = tokio::spawn({
+        let lines = lines.clone();
+        async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                lines.lock().unwrap().push(line);
+            }
+        }
+    });
+    let seen = |needle: &'static str| {
+        let lines = lines.clone();
+        move || {
+            let found = lines.lock().unwrap().iter().any(|l| l.contains(needle));
+            async move { found }
+        }
+    };
+    wait_until(
+        "credsync to log that it listens",
+        Duration::from_secs(20),
+        seen("credsync listening"),
+    )
+    .await;
+
+    let address = format!("http://127.0.0.1:{port}");
+    let resp = reqwest::Client::new()
+        .get(format!("{address}/healthz"))
+        .header("x-request-id", "log-probe-7f3a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // A quiet service: nothing else fills the buffer, the flusher writes the line out.
+    wait_until(
+        "the access line on stderr",
+        Duration::from_secs(5),
+        seen("log-probe-7f3a"),
+    )
+    .await;
+
+    let pid = child.id().unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status}");
+    reader.await.unwrap();
+    let lines = lines.lock().unwrap().clone();
+    // The worker's last line is logged as the process winds down, after the final batch timer.
+    assert!(
+        lines.iter().any(|l| l.contains("sync worker stopped")),
+        "{lines:#?}"
+    );
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let ts = v["timestamp"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no timestamp: {line}"));
+        let t = credsync::timefmt::parse_strict(ts).unwrap_or_else(|| panic!("{ts}"));
+        assert_eq!(credsync::timefmt::format(t), ts);
+    }
+    let access = lines.iter().find(|l| l.contains("log-probe-7f3a")).unwrap();
+    let access: Value = serde_json::from_str(access).unwrap();
+    assert_eq!(access["route"], "/healthz", "{access}");
+    assert_eq!(access["method"], "GET", "{access}");
+    assert_eq!(access["status"], 200, "{access}");
+}
