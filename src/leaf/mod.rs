@@ -7,6 +7,7 @@
 //! bodies with secrets are built into `Zeroizing` buffers and dropped right after sending.
 mod breaker;
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -125,6 +126,32 @@ pub enum AuthHealth {
 struct Token {
     value: SecretString,
     renew_at: Instant,
+}
+
+/// The metrics of one (operation, outcome) of Leaf calls.
+struct CallMetrics {
+    calls: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+thread_local! {
+    /// Each thread's handles (operations and outcomes are fixed sets of names), so that a call
+    /// does not build its labels and look them up in the recorder's registry again.
+    static CALL_METRICS: std::cell::RefCell<HashMap<(&'static str, &'static str), CallMetrics>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+fn record_call_metrics(operation: &'static str, outcome: &'static str, elapsed: Duration) {
+    CALL_METRICS.with_borrow_mut(|cache| {
+        let m = cache
+            .entry((operation, outcome))
+            .or_insert_with(|| CallMetrics {
+                calls: metrics::counter!("credsync_leaf_requests_total", "operation" => operation, "outcome" => outcome),
+                duration: metrics::histogram!("credsync_leaf_request_duration_seconds", "operation" => operation),
+            });
+        m.calls.increment(1);
+        m.duration.record(elapsed.as_secs_f64());
+    });
 }
 
 /// The Leaf client. Cheap to clone: the token, the rate limiter, the breaker and the auth
@@ -393,9 +420,7 @@ impl LeafClient {
             Ok(_) => "success",
             Err(e) => e.outcome(),
         };
-        metrics::counter!("credsync_leaf_requests_total", "operation" => operation, "outcome" => outcome).increment(1);
-        metrics::histogram!("credsync_leaf_request_duration_seconds", "operation" => operation)
-            .record(started.elapsed().as_secs_f64());
+        record_call_metrics(operation, outcome, started.elapsed());
         if let Err(e) = &result {
             tracing::debug!(operation, outcome, ?e, "Leaf call failed");
         }
@@ -499,9 +524,11 @@ impl LeafClient {
         token: Option<&SecretString>,
         request_id: &str,
     ) -> Result<Answer, LeafError> {
-        if tokio::time::timeout(self.shared.timeout, self.shared.limiter.until_ready())
-            .await
-            .is_err()
+        // A free cell is taken at once; only a wait for one arms a timer.
+        if self.shared.limiter.check().is_err()
+            && tokio::time::timeout(self.shared.timeout, self.shared.limiter.until_ready())
+                .await
+                .is_err()
         {
             return Err(LeafError::Unavailable(Unavailable::RateLimited(Some(1))));
         }
