@@ -246,7 +246,7 @@ impl Settings {
             caller_rps: src.parse("CREDSYNC_CALLER_RPS", 0u32, "a non-negative integer")?,
             row_cache_ttl: Duration::from_millis(src.parse(
                 "CREDSYNC_ROW_CACHE_TTL_MS",
-                1000u64,
+                5000u64,
                 "a number of milliseconds (0 turns the cache off)",
             )?),
         })
@@ -455,7 +455,7 @@ mod tests {
         assert_eq!(s.sync.concurrency, 16);
         assert_eq!(s.sync.events_retention_days, 400);
         assert_eq!(s.max_body_bytes, 65536);
-        assert_eq!(s.row_cache_ttl, Duration::from_secs(1));
+        assert_eq!(s.row_cache_ttl, Duration::from_secs(5));
         assert_eq!(s.keyring.active_id(), "k1");
         let dbg = format!("{s:?}");
         assert!(

@@ -13,7 +13,7 @@
 //!   ([`RowCache::listen`]) drops the user's entries when the notice arrives;
 //! - the gateway drops a user's entries itself before its own writes (a DELETE is refused to
 //!   the next read of the same process without waiting for the notice);
-//! - an entry is trusted for the TTL (`CREDSYNC_ROW_CACHE_TTL_MS`, 1 s by default) at most,
+//! - an entry is trusted for the TTL (`CREDSYNC_ROW_CACHE_TTL_MS`, 5 s by default) at most,
 //!   which bounds what a lost notice could cost.
 //!
 //! A fill races with a change committed between the read and the fill: each fill carries the
