@@ -277,12 +277,25 @@ impl LeafClient {
         user: Uuid,
         request_id: &str,
     ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, LeafError> {
+        match self.get_credential_body(provider, user, request_id).await? {
+            Some(body) => parse_object(&body).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// GET the credential: Leaf's answer as it came, not parsed yet; `None` on a 404.
+    pub async fn get_credential_body(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        request_id: &str,
+    ) -> Result<Option<bytes::Bytes>, LeafError> {
         let path = Self::credential_path(provider, user);
         match self
             .call("get_credential", Method::GET, &path, &[], None, request_id)
             .await
         {
-            Ok(a) => parse_object(&a.body).map(Some),
+            Ok(a) => Ok(Some(a.body)),
             Err(LeafError::Rejected { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
