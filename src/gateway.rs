@@ -169,33 +169,46 @@ pub struct LeafCredential {
 
 impl LeafCredential {
     pub fn parse(provider: &Provider, answer: Map<String, Value>) -> LeafCredential {
-        let mut out = LeafCredential {
+        let mut out = LeafCredential::empty();
+        for (k, v) in answer {
+            out.take(provider, std::borrow::Cow::Owned(k), v);
+        }
+        out
+    }
+
+    fn empty() -> LeafCredential {
+        LeafCredential {
             id: None,
             status: None,
             created_time: None,
             public: Map::new(),
             secrets: SecretFields::default(),
-        };
-        for (k, v) in answer {
-            match k.as_str() {
-                "id" => out.id = v.as_str().and_then(|s| Uuid::try_parse(s).ok()),
-                "status" => out.status = v.as_str().map(str::to_owned),
-                "createdTime" => {
-                    out.created_time = v.as_str().and_then(crate::timefmt::parse_lenient)
-                }
-                // credsync's own fields are never taken from upstream.
-                "syncState" | "updatedAt" => {}
-                _ if provider.is_secret(&k) => {
-                    if let Value::String(s) = v {
-                        out.secrets.insert(&k, SecretString::from(s));
-                    }
-                }
-                _ => {
-                    out.public.insert(k, v);
+        }
+    }
+
+    /// One field of Leaf's answer; a repeated key counts as its last occurrence.
+    fn take(&mut self, provider: &Provider, key: std::borrow::Cow<'_, str>, v: Value) {
+        match &*key {
+            "id" => self.id = v.as_str().and_then(|s| Uuid::try_parse(s).ok()),
+            "status" => {
+                self.status = match v {
+                    Value::String(s) => Some(s),
+                    _ => None,
                 }
             }
+            "createdTime" => self.created_time = v.as_str().and_then(crate::timefmt::parse_lenient),
+            // credsync's own fields are never taken from upstream.
+            "syncState" | "updatedAt" => {}
+            k if provider.is_secret(k) => match v {
+                Value::String(s) => self.secrets.insert(k, SecretString::from(s)),
+                _ => {
+                    self.secrets.0.remove(k);
+                }
+            },
+            _ => {
+                self.public.insert(key.into_owned(), v);
+            }
         }
-        out
     }
 }
 
@@ -252,51 +265,15 @@ impl<'de> serde::de::Visitor<'de> for AnswerSeed<'_> {
         f.write_str("a JSON object")
     }
 
-    /// Field by field as `parse` takes them from a map; a repeated key counts as its last
-    /// occurrence, as it does in the map.
+    /// Field by field, as `parse` takes them from a map.
     fn visit_map<A: serde::de::MapAccess<'de>>(
         self,
         mut map: A,
     ) -> Result<LeafCredential, A::Error> {
-        let provider = self.0;
-        let mut out = LeafCredential {
-            id: None,
-            status: None,
-            created_time: None,
-            public: Map::new(),
-            secrets: SecretFields::default(),
-        };
+        let mut out = LeafCredential::empty();
         while let Some(AnswerKey(key)) = map.next_key()? {
-            match &*key {
-                "id" => {
-                    let v: Value = map.next_value()?;
-                    out.id = v.as_str().and_then(|s| Uuid::try_parse(s).ok());
-                }
-                "status" => {
-                    let v: Value = map.next_value()?;
-                    out.status = match v {
-                        Value::String(s) => Some(s),
-                        _ => None,
-                    };
-                }
-                "createdTime" => {
-                    let v: Value = map.next_value()?;
-                    out.created_time = v.as_str().and_then(crate::timefmt::parse_lenient);
-                }
-                "syncState" | "updatedAt" => {
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                }
-                k if provider.is_secret(k) => match map.next_value::<Value>()? {
-                    Value::String(s) => out.secrets.insert(k, SecretString::from(s)),
-                    _ => {
-                        out.secrets.0.remove(k);
-                    }
-                },
-                _ => {
-                    let v: Value = map.next_value()?;
-                    out.public.insert(key.into_owned(), v);
-                }
-            }
+            let v: Value = map.next_value()?;
+            out.take(self.0, key, v);
         }
         Ok(out)
     }
