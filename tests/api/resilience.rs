@@ -972,6 +972,19 @@ async fn serve_bin(db_url: &str, sim_url: &str) -> Served {
     }
 }
 
+/// The simulator on a free port, expecting the login `base_env` configures.
+fn sim_with_login() -> SimServer {
+    SimServer::start(
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        SimOptions {
+            username: Some("leaf-user".into()),
+            password: Some("leaf-pass".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 fn cred_url(address: &str, user: Uuid) -> String {
     format!("{address}/services/usermanagement/api/users/{user}/climate-field-view-credentials")
 }
@@ -986,15 +999,7 @@ enum Op {
 async fn queued_writes_survive_sigkill_and_sigterm_releases_leases() {
     let started = Instant::now();
     let db_url = crate::db::fresh_database_url().await;
-    let sim = SimServer::start(
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
-        SimOptions {
-            username: Some("leaf-user".into()),
-            password: Some("leaf-pass".into()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let sim = sim_with_login();
     let sim_url = sim.base_url();
     let leaf = Leaf::new(&sim_url);
     let client = reqwest::Client::builder()
@@ -1199,15 +1204,7 @@ async fn the_binary_writes_each_log_line_while_it_runs_and_every_line_by_its_exi
     use tokio::io::AsyncBufReadExt as _;
 
     let db_url = crate::db::fresh_database_url().await;
-    let sim = SimServer::start(
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
-        SimOptions {
-            username: Some("leaf-user".into()),
-            password: Some("leaf-pass".into()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let sim = sim_with_login();
     let port = free_port();
     let mut env = base_env(&db_url, &sim.base_url());
     env.retain(|(k, _)| k != "CREDSYNC_LISTEN");
