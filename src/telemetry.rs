@@ -100,8 +100,34 @@ impl<W: std::io::Write + Send + 'static> Batched<W> {
         let mut out = lock(&self.out);
         let (dest, batch) = &mut *out;
         std::mem::swap(batch, &mut *lock(&self.pending));
+        Self::write_out(dest, batch);
+    }
+
+    /// [`Batched::flush`] unless a lock is held (a batch being written, or a panic raised while
+    /// one of them was held): for the panic hook, which must never wait on this thread's lock.
+    fn flush_unless_busy(&self) {
+        fn take<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+            match m.try_lock() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        }
+        let Some(mut out) = take(&self.out) else {
+            return;
+        };
+        let (dest, batch) = &mut *out;
+        let Some(mut pending) = take(&self.pending) else {
+            return;
+        };
+        std::mem::swap(batch, &mut *pending);
+        drop(pending);
+        Self::write_out(dest, batch);
+    }
+
+    fn write_out(dest: &mut W, batch: &mut Vec<u8>) {
         if !batch.is_empty() {
-            // Nowhere to report a failed log write: the line is dropped, as stderr would.
+            // Nowhere to report a failed log write: the batch is dropped, as stderr would.
             let _ = dest.write_all(batch);
             let _ = dest.flush();
             batch.clear();
@@ -201,7 +227,7 @@ pub fn init(format: LogFormat) -> LogGuard {
         // A panic's message goes straight to stderr: the lines logged before it go first.
         let report = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            STDERR.flush();
+            STDERR.flush_unless_busy();
             report(info);
         }));
     }
@@ -290,6 +316,23 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(sink.text(), "one quiet line\n");
+    }
+
+    #[test]
+    fn the_panic_path_writes_what_is_pending_and_never_waits_on_a_held_lock() {
+        let (b, sink) = batched();
+        b.push(b"before the panic\n");
+        {
+            let _writing = lock(&b.out);
+            b.flush_unless_busy();
+        }
+        assert_eq!(
+            sink.text(),
+            "",
+            "wrote while another writer held the destination"
+        );
+        b.flush_unless_busy();
+        assert_eq!(sink.text(), "before the panic\n");
     }
 
     #[test]
