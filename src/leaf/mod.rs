@@ -678,9 +678,7 @@ impl LeafClient {
                 )))
             }
         };
-        metrics::counter!("credsync_leaf_requests_total", "operation" => "authenticate", "outcome" => outcome).increment(1);
-        metrics::histogram!("credsync_leaf_request_duration_seconds", "operation" => "authenticate")
-            .record(started.elapsed().as_secs_f64());
+        record_call_metrics("authenticate", outcome, started.elapsed());
         result
     }
 }
