@@ -210,9 +210,7 @@ impl LeafCredential {
             }
         }
     }
-}
 
-impl LeafCredential {
     /// Leaf's answer parsed straight from its body, as [`LeafCredential::parse`] reads the same
     /// body parsed into a map (a property test holds the two equal), without building that
     /// map first. `None` when the body is not one JSON object.
