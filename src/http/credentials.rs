@@ -114,10 +114,15 @@ fn with_source(mut resp: HttpResponse, source: Source) -> HttpResponse {
     resp
 }
 
-fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
+/// A JSON answer from bytes already serialized.
+fn json_body(status: StatusCode, body: Vec<u8>) -> HttpResponse {
     HttpResponse::build(status)
         .content_type("application/json")
-        .body(serde_json::to_vec(body).unwrap_or_default())
+        .body(body)
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
+    json_body(status, serde_json::to_vec(body).unwrap_or_default())
 }
 
 async fn create(
@@ -275,10 +280,7 @@ async fn create_response(
         Created::Pending(v) => (StatusCode::ACCEPTED, v),
     };
     let bytes = serde_json::to_vec(&view).unwrap_or_default();
-    let resp = HttpResponse::build(status)
-        .content_type("application/json")
-        .body(bytes.clone());
-    Ok((resp, bytes))
+    Ok((json_body(status, bytes.clone()), bytes))
 }
 
 async fn get(
@@ -291,12 +293,7 @@ async fn get(
     let reveal = who.caller.scopes.may_reveal();
     let (view, source) = st.gateway.get(provider, user, reveal, who.actor()).await?;
     let body = view_body(provider, &view).map_err(|e| ApiError::Internal(e.into()))?;
-    Ok(with_source(
-        HttpResponse::Ok()
-            .content_type("application/json")
-            .body(body),
-        source,
-    ))
+    Ok(with_source(json_body(StatusCode::OK, body), source))
 }
 
 /// The credential view written straight into a body, as [`View::to_value`] would serialize.
@@ -459,9 +456,7 @@ async fn events(
         .events(provider, user, page, size, ascending, cache, who.actor())
         .await?;
     let body = serde_json::to_vec(&list).map_err(|e| ApiError::Internal(e.into()))?;
-    let mut resp = HttpResponse::Ok()
-        .content_type("application/json")
-        .body(body);
+    let mut resp = json_body(StatusCode::OK, body);
     if let Ok(v) = HeaderValue::from_str(&total.to_string()) {
         resp.headers_mut()
             .insert(header::HeaderName::from_static("x-total-count"), v);
@@ -475,26 +470,12 @@ mod tests {
     use secrecy::SecretString;
     use serde_json::{Value, json};
     use sqlx::types::Json;
-    use time::OffsetDateTime;
 
     use super::*;
     use crate::crypto::SecretFields;
     use crate::domain::provider::CLIMATE_FIELD_VIEW;
+    use crate::http::json_out::strategies::{arb_text, arb_time};
     use crate::store::credentials::CredentialRow;
-
-    fn arb_time() -> impl Strategy<Value = OffsetDateTime> {
-        (-62_167_219_200i64..=253_402_300_799i64, 0i64..1_000_000).prop_map(|(s, us)| {
-            OffsetDateTime::from_unix_timestamp(s).unwrap() + time::Duration::microseconds(us)
-        })
-    }
-
-    fn arb_text() -> impl Strategy<Value = String> {
-        prop_oneof![
-            "[A-Za-z0-9_-]{0,20}",
-            any::<String>(),
-            "[\\u{0}-\\u{1f}\"\\\\/<>&'\\u{7f}-\\u{a0}\\u{2028}\\u{2029}]{0,8}",
-        ]
-    }
 
     fn arb_json() -> impl Strategy<Value = Value> {
         prop_oneof![

@@ -115,6 +115,30 @@ impl<'b> JsonObject<'b> {
     }
 }
 
+/// Property-test inputs shared by the tests of the bodies written here (`v1`, `credentials`).
+#[cfg(test)]
+pub(crate) mod strategies {
+    use proptest::prelude::*;
+    use time::OffsetDateTime;
+
+    /// Years 0000-9999, any microsecond (what Postgres stores).
+    pub fn arb_time() -> impl Strategy<Value = OffsetDateTime> {
+        (-62_167_219_200i64..=253_402_300_799i64, 0i64..1_000_000).prop_map(|(s, us)| {
+            OffsetDateTime::from_unix_timestamp(s).unwrap() + time::Duration::microseconds(us)
+        })
+    }
+
+    /// Free text: plain words, anything, and the characters JSON escapes or browsers mind.
+    pub fn arb_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("UNAUTHENTICATED".to_owned()),
+            "[A-Za-z0-9_-]{0,20}",
+            any::<String>(),
+            "[\\u{0}-\\u{1f}\"\\\\/<>&'\\u{7f}-\\u{a0}\\u{2028}\\u{2029}]{0,8}",
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

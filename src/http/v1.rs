@@ -760,6 +760,7 @@ mod props {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::http::json_out::strategies::{self, arb_text};
 
     const SECRET: &str = "webhook-props-secret";
 
@@ -796,21 +797,7 @@ mod props {
     }
 
     fn arb_time() -> impl Strategy<Value = Canonical> {
-        // Years 0000-9999, any microsecond (what Postgres stores).
-        (-62_167_219_200i64..=253_402_300_799i64, 0i64..1_000_000).prop_map(|(s, us)| {
-            Canonical(
-                OffsetDateTime::from_unix_timestamp(s).unwrap() + time::Duration::microseconds(us),
-            )
-        })
-    }
-
-    fn arb_text() -> impl Strategy<Value = String> {
-        prop_oneof![
-            Just("UNAUTHENTICATED".to_owned()),
-            "[A-Z_]{0,12}",
-            any::<String>(),
-            "[\\u{0}-\\u{1f}\"\\\\/<>&'\\u{7f}-\\u{a0}\\u{2028}\\u{2029}]{0,8}",
-        ]
+        strategies::arb_time().prop_map(Canonical)
     }
 
     proptest! {
