@@ -5,9 +5,10 @@
 //! `BENCH_DB_MAX_CONNECTIONS` (credsync's default pool size, 16) with `test_before_acquire` off.
 //!
 //! `BENCH_STATEMENTS=create` runs credsync's own create statements instead, through its store
-//! functions: `insert_pending` (the row and its outbox entry) then `settle_create` (SYNCED with
-//! Leaf's answer, resealed secrets, the first status, the audit entry), as a POST does once
-//! Leaf answered 201, but with no HTTP, JWT, Leaf call or encryption. It is the ceiling of a
+//! `CreateWrites`: `insert_pending` (the row and its outbox entry) then `settle_create` (SYNCED
+//! with Leaf's answer, resealed secrets, the first status, the audit entry), batched across the
+//! tasks as credsync batches concurrent creates, as a POST does once Leaf answered 201, but with
+//! no HTTP, JWT, Leaf call or encryption. It is the ceiling of a
 //! create on this Postgres: what the SPEC's writes cost, with nothing of credsync's own around
 //! them.
 //!
@@ -39,43 +40,40 @@ where
 const PROVIDER: &str = "climate-field-view";
 
 /// The statements of a POST that Leaf answered with 201: store the pending row with its outbox
-/// entry, then settle it (the request path's fast path in `Gateway::create`).
+/// entry, then settle it (the request path's fast path in `Gateway::create`), each shared with
+/// the other tasks' creates as credsync shares them.
 async fn create_statements(
-    pool: &sqlx::PgPool,
+    writes: &creds::CreateWrites,
     user: uuid::Uuid,
     public: &serde_json::Map<String, serde_json::Value>,
     answered: &serde_json::Map<String, serde_json::Value>,
     sealed: &Sealed,
 ) -> anyhow::Result<()> {
-    let stored = creds::insert_pending(
-        pool,
-        &creds::NewCredential {
+    let stored = writes
+        .insert_pending(creds::NewCredential {
             user,
             provider: PROVIDER,
-            public,
-            sealed,
-            actor: "bench",
-            request_id: "bench-request-id",
+            public: public.clone(),
+            sealed: sealed.clone(),
+            actor: "bench".into(),
+            request_id: "bench-request-id".into(),
             grace: Duration::from_secs(30),
-        },
-    )
-    .await?;
+        })
+        .await?;
     anyhow::ensure!(stored.is_ok(), "user {user} already had a credential");
-    let settled = creds::settle_create(
-        pool,
-        user,
-        PROVIDER,
-        &creds::LeafState {
+    let settled = writes
+        .settle_create(creds::Settle {
+            user,
+            provider: PROVIDER,
             leaf_credential_id: Some(uuid::Uuid::new_v4()),
-            status: Some("OK"),
+            status: Some("OK".into()),
             created_time: Some(time::OffsetDateTime::now_utc()),
-            public: answered,
-            sealed: Some(sealed),
-        },
-        "bench",
-        "bench-request-id",
-    )
-    .await?;
+            public: answered.clone(),
+            sealed: Some(sealed.clone()),
+            actor: "bench".into(),
+            request_id: "bench-request-id".into(),
+        })
+        .await?;
     anyhow::ensure!(
         settled.is_some(),
         "the pending row of {user} was not settled"
@@ -122,13 +120,15 @@ async fn main() -> anyhow::Result<()> {
     let answered = Arc::new(answered);
     let sealed = Arc::new(sealed);
 
+    let writes = Arc::new(creds::CreateWrites::new(pool.clone()));
     let rows = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(secs);
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        let (pool, rows, public, answered, sealed) = (
+        let (pool, writes, rows, public, answered, sealed) = (
             pool.clone(),
+            writes.clone(),
             rows.clone(),
             public.clone(),
             answered.clone(),
@@ -138,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
             while Instant::now() < deadline {
                 let user = uuid::Uuid::new_v4();
                 if create {
-                    create_statements(&pool, user, &public, &answered, &sealed).await?;
+                    create_statements(&writes, user, &public, &answered, &sealed).await?;
                 } else {
                     sqlx::query(
                         "insert into credential (leaf_user_id, provider, sync_state, public_fields, key_id, wrapped_key, secrets)

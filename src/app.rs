@@ -167,6 +167,7 @@ impl Application {
         ));
         let gateway = Gateway {
             reads: store::ConnStash::spawn(db.clone(), pool_size),
+            creates: Arc::new(store::credentials::CreateWrites::new(db.clone())),
             // Serves nothing until `listen_for_changes` subscribes it (serving processes only).
             rows: Arc::new(crate::rowcache::RowCache::new(settings.row_cache_ttl)),
             db,

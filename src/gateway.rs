@@ -39,6 +39,8 @@ pub struct Gateway {
     pub reads: Arc<ConnStash>,
     /// SYNCED rows a forwarded read may trust without reading them (shared by the workers).
     pub rows: Arc<RowCache>,
+    /// A create's writes, shared by concurrent creates.
+    pub creates: Arc<creds::CreateWrites>,
 }
 
 /// The `checked_at` refreshes of forwarded reads whose answer changed nothing, collected per
@@ -109,6 +111,7 @@ impl Gateway {
         let db = crate::store::sibling(&self.db, pool_size);
         Gateway {
             reads: ConnStash::spawn(db.clone(), pool_size),
+            creates: Arc::new(creds::CreateWrites::new(db.clone())),
             db,
             keyring: self.keyring.clone(),
             leaf: Arc::new(self.leaf.for_worker()),
@@ -555,19 +558,18 @@ impl Gateway {
             .keyring
             .seal(binding(&user, provider), &body.secrets)
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("cannot seal: {e}")))?;
-        match creds::insert_pending(
-            &self.db,
-            &creds::NewCredential {
+        match self
+            .creates
+            .insert_pending(creds::NewCredential {
                 user,
                 provider: provider.name,
-                public: &body.public,
-                sealed: &sealed,
-                actor: actor.sub,
-                request_id: actor.request_id,
+                public: body.public.clone(),
+                sealed,
+                actor: actor.sub.to_owned(),
+                request_id: actor.request_id.to_owned(),
                 grace: self.outbox_grace,
-            },
-        )
-        .await?
+            })
+            .await?
         {
             Ok(_) => {}
             Err(creds::CreateConflict::Exists) => {
@@ -598,15 +600,20 @@ impl Gateway {
                     .as_ref()
                     .map(|m| self.seal(provider, user, m))
                     .transpose()?;
-                if let Some(row) = creds::settle_create(
-                    &self.db,
-                    user,
-                    provider.name,
-                    &leaf.state(sealed.as_ref()),
-                    actor.sub,
-                    actor.request_id,
-                )
-                .await?
+                if let Some(row) = self
+                    .creates
+                    .settle_create(creds::Settle {
+                        user,
+                        provider: provider.name,
+                        leaf_credential_id: leaf.id,
+                        status: leaf.status.clone(),
+                        created_time: leaf.created_time,
+                        public: leaf.public.clone(),
+                        sealed,
+                        actor: actor.sub.to_owned(),
+                        request_id: actor.request_id.to_owned(),
+                    })
+                    .await?
                 {
                     let secrets = merged.as_ref().unwrap_or(&body.secrets);
                     return Ok(Created::Synced(credential_view(

@@ -1,12 +1,15 @@
 //! The `credential`, `outbox` and `status_history` tables: local copies, pending upstream work,
 //! and status transitions.
 use sqlx::types::Json;
-use sqlx::{PgPool, Postgres, Transaction};
+use std::sync::Arc;
+
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::crypto::Sealed;
 use crate::domain::SyncState;
+use crate::store::batch::{BatchOp, Batcher};
 
 /// A stored credential.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -110,13 +113,13 @@ pub enum CreateConflict {
 }
 
 /// What a create stores before Leaf is called.
-pub struct NewCredential<'a> {
+pub struct NewCredential {
     pub user: Uuid,
-    pub provider: &'a str,
-    pub public: &'a serde_json::Map<String, serde_json::Value>,
-    pub sealed: &'a Sealed,
-    pub actor: &'a str,
-    pub request_id: &'a str,
+    pub provider: &'static str,
+    pub public: serde_json::Map<String, serde_json::Value>,
+    pub sealed: Sealed,
+    pub actor: String,
+    pub request_id: String,
     /// How long the request path owns the outbox entry before the worker may take it.
     pub grace: std::time::Duration,
 }
@@ -125,7 +128,7 @@ pub struct NewCredential<'a> {
 /// written) when a row exists for the user and provider.
 async fn insert_fresh<'e, E: sqlx::PgExecutor<'e>>(
     db: E,
-    new: &NewCredential<'_>,
+    new: &NewCredential,
 ) -> Result<Option<i64>, sqlx::Error> {
     let id = sqlx::query_scalar(
         "with ins as (
@@ -138,13 +141,13 @@ async fn insert_fresh<'e, E: sqlx::PgExecutor<'e>>(
     )
     .bind(new.user)
     .bind(new.provider)
-    .bind(Json(new.public))
+    .bind(Json(&new.public))
     .bind(&new.sealed.key_id)
     .bind(&new.sealed.wrapped_key)
     .bind(&new.sealed.secrets)
     .bind(new.grace.as_secs_f64())
-    .bind(new.request_id)
-    .bind(new.actor)
+    .bind(&new.request_id)
+    .bind(&new.actor)
     .fetch_optional(db)
     .await?;
     if id.is_some() {
@@ -153,16 +156,58 @@ async fn insert_fresh<'e, E: sqlx::PgExecutor<'e>>(
     Ok(id)
 }
 
-/// Store a new credential as PENDING_UPSTREAM together with its outbox entry (one statement
-/// when the user has none). A REJECTED predecessor is replaced.
-pub async fn insert_pending(
+/// [`insert_fresh`] for many creates in one statement: the outbox entry's id per item, `None`
+/// for those whose user already has a row.
+async fn insert_fresh_many(
+    conn: &mut PgConnection,
+    items: &[Arc<NewCredential>],
+) -> Result<Vec<Option<i64>>, sqlx::Error> {
+    let inserted: Vec<(i64, Uuid, String)> = sqlx::query_as(
+        "with input as (
+             select * from unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::bytea[], $6::bytea[],
+                                  $7::float8[], $8::text[], $9::text[])
+                 as t(leaf_user_id, provider, public_fields, key_id, wrapped_key, secrets, grace, request_id, actor)),
+         ins as (
+             insert into credential (leaf_user_id, provider, sync_state, public_fields, key_id, wrapped_key, secrets)
+             select leaf_user_id, provider, 'PENDING_UPSTREAM', public_fields, key_id, wrapped_key, secrets from input
+             on conflict do nothing
+             returning leaf_user_id, provider)
+         insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
+         select leaf_user_id, provider, 'create', now() + make_interval(secs => grace), request_id, actor
+         from ins join input using (leaf_user_id, provider)
+         returning id, leaf_user_id, provider",
+    )
+    .bind(items.iter().map(|n| n.user).collect::<Vec<_>>())
+    .bind(items.iter().map(|n| n.provider).collect::<Vec<_>>())
+    .bind(items.iter().map(|n| Json(&n.public)).collect::<Vec<_>>())
+    .bind(items.iter().map(|n| n.sealed.key_id.as_str()).collect::<Vec<_>>())
+    .bind(items.iter().map(|n| n.sealed.wrapped_key.as_slice()).collect::<Vec<_>>())
+    .bind(items.iter().map(|n| n.sealed.secrets.as_slice()).collect::<Vec<_>>())
+    .bind(items.iter().map(|n| n.grace.as_secs_f64()).collect::<Vec<_>>())
+    .bind(items.iter().map(|n| n.request_id.as_str()).collect::<Vec<_>>())
+    .bind(items.iter().map(|n| n.actor.as_str()).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await?;
+    Ok(items
+        .iter()
+        .map(|n| {
+            let id = inserted
+                .iter()
+                .find(|(_, user, provider)| *user == n.user && provider == n.provider)
+                .map(|(id, _, _)| *id);
+            if id.is_some() {
+                count_encryption(&n.sealed.key_id);
+            }
+            id
+        })
+        .collect())
+}
+
+/// A row is there for a new credential's user: find out why, replacing a REJECTED one.
+async fn insert_after_conflict(
     pool: &PgPool,
-    new: &NewCredential<'_>,
+    new: &NewCredential,
 ) -> Result<Result<i64, CreateConflict>, sqlx::Error> {
-    if let Some(id) = insert_fresh(pool, new).await? {
-        return Ok(Ok(id));
-    }
-    // A row is there: find out why, replacing a REJECTED one.
     let mut tx = pool.begin().await?;
     let existing: Option<String> = sqlx::query_scalar(
         "select sync_state from credential where leaf_user_id = $1 and provider = $2 for update",
@@ -188,6 +233,79 @@ pub async fn insert_pending(
     };
     tx.commit().await?;
     Ok(Ok(id))
+}
+
+/// The create path's two writes, each shared by the creates that reach it at the same time
+/// ([`Batcher`]): the pending row with its outbox entry, and the settle after Leaf's 201.
+pub struct CreateWrites {
+    pool: PgPool,
+    inserts: Batcher<InsertPending>,
+    settles: Batcher<SettleCreate>,
+}
+
+impl CreateWrites {
+    pub fn new(pool: PgPool) -> CreateWrites {
+        CreateWrites {
+            inserts: Batcher::new(InsertPending, pool.clone()),
+            settles: Batcher::new(SettleCreate, pool.clone()),
+            pool,
+        }
+    }
+
+    /// Store a new credential as PENDING_UPSTREAM together with its outbox entry, in one
+    /// statement when the user has no row. A REJECTED predecessor is replaced.
+    pub async fn insert_pending(
+        &self,
+        new: NewCredential,
+    ) -> Result<Result<i64, CreateConflict>, sqlx::Error> {
+        let new = Arc::new(new);
+        if let Some(id) = self.inserts.submit(Arc::clone(&new)).await? {
+            return Ok(Ok(id));
+        }
+        insert_after_conflict(&self.pool, &new).await
+    }
+
+    /// Leaf took a create the request path queued: mark the row SYNCED with Leaf's answer (and
+    /// the secrets resealed with what Leaf added, when `settle.sealed`), record the first status,
+    /// drop the outbox entry and write the audit entry, in one statement. Only a row still
+    /// `PENDING_UPSTREAM` without a status (as [`CreateWrites::insert_pending`] writes it) is
+    /// settled here, so the history's `from_status` is null; `None` otherwise (the worker
+    /// delivered it, a delete came in between): the caller then takes the general path.
+    pub async fn settle_create(
+        &self,
+        settle: Settle,
+    ) -> Result<Option<CredentialRow>, sqlx::Error> {
+        self.settles.submit(settle).await
+    }
+}
+
+struct InsertPending;
+
+impl BatchOp for InsertPending {
+    const NAME: &'static str = "create_insert";
+    type Item = Arc<NewCredential>;
+    type Output = Option<i64>;
+    type Key = (Uuid, &'static str);
+
+    fn key(item: &Self::Item) -> Self::Key {
+        (item.user, item.provider)
+    }
+
+    async fn run_batch(
+        &self,
+        conn: &mut PgConnection,
+        items: &[Self::Item],
+    ) -> Result<Vec<Option<i64>>, sqlx::Error> {
+        insert_fresh_many(conn, items).await
+    }
+
+    async fn run_one(
+        &self,
+        conn: &mut PgConnection,
+        item: &Self::Item,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        insert_fresh(conn, item).await
+    }
 }
 
 /// Encryptions counted since the last flush, per key id. Counting in memory keeps a hot row
@@ -338,19 +456,25 @@ pub async fn store_leaf_state(
     finish_refresh(tx, user, provider, leaf, old_status, adopted, source).await
 }
 
-/// Leaf took a create the request path queued: mark the row SYNCED with Leaf's answer (and the
-/// secrets resealed with what Leaf added, when `leaf.sealed`), record the first status, drop
-/// the outbox entry and write the audit entry, in one statement. Only a row still
-/// `PENDING_UPSTREAM` without a status (as `insert_fresh` writes it) is settled here, so the
-/// history's `from_status` is null; `None` otherwise (the worker delivered it, a delete came in
-/// between): the caller then takes the general path.
-pub async fn settle_create(
-    pool: &PgPool,
-    user: Uuid,
-    provider: &str,
-    leaf: &LeafState<'_>,
-    actor: &str,
-    request_id: &str,
+/// Leaf's answer to a create the request path queued, to settle its pending row with
+/// ([`CreateWrites::settle_create`]).
+pub struct Settle {
+    pub user: Uuid,
+    pub provider: &'static str,
+    pub leaf_credential_id: Option<Uuid>,
+    pub status: Option<String>,
+    pub created_time: Option<OffsetDateTime>,
+    pub public: serde_json::Map<String, serde_json::Value>,
+    /// The secrets resealed with what Leaf added to them, when it added something.
+    pub sealed: Option<Sealed>,
+    pub actor: String,
+    pub request_id: String,
+}
+
+/// The settle's statement for one create.
+async fn settle_one(
+    conn: &mut PgConnection,
+    settle: &Settle,
 ) -> Result<Option<CredentialRow>, sqlx::Error> {
     let row = sqlx::query_as::<_, CredentialRow>(sqlx::AssertSqlSafe(format!(
         "with upd as (
@@ -381,23 +505,122 @@ pub async fn settle_create(
              select $7, 'credential.create', $1, $2, 'success', $8 from upd)
          select {COLUMNS} from upd"
     )))
-    .bind(user)
-    .bind(provider)
-    .bind(leaf.leaf_credential_id)
-    .bind(leaf.status)
-    .bind(leaf.created_time)
-    .bind(Json(leaf.public))
-    .bind(actor)
-    .bind(request_id)
-    .bind(leaf.sealed.map(|s| s.key_id.as_str()))
-    .bind(leaf.sealed.map(|s| s.wrapped_key.as_slice()))
-    .bind(leaf.sealed.map(|s| s.secrets.as_slice()))
-    .fetch_optional(pool)
+    .bind(settle.user)
+    .bind(settle.provider)
+    .bind(settle.leaf_credential_id)
+    .bind(settle.status.as_deref())
+    .bind(settle.created_time)
+    .bind(Json(&settle.public))
+    .bind(&settle.actor)
+    .bind(&settle.request_id)
+    .bind(settle.sealed.as_ref().map(|s| s.key_id.as_str()))
+    .bind(settle.sealed.as_ref().map(|s| s.wrapped_key.as_slice()))
+    .bind(settle.sealed.as_ref().map(|s| s.secrets.as_slice()))
+    .fetch_optional(conn)
     .await?;
-    if let (Some(_), Some(sealed)) = (&row, leaf.sealed) {
+    if let (Some(_), Some(sealed)) = (&row, &settle.sealed) {
         count_encryption(&sealed.key_id);
     }
     Ok(row)
+}
+
+/// [`settle_one`] for many creates in one statement.
+async fn settle_many(
+    conn: &mut PgConnection,
+    items: &[Settle],
+) -> Result<Vec<Option<CredentialRow>>, sqlx::Error> {
+    let sealed = |f: fn(&Sealed) -> &[u8]| -> Vec<Option<&[u8]>> {
+        items.iter().map(|s| s.sealed.as_ref().map(f)).collect()
+    };
+    let mut rows = sqlx::query_as::<_, CredentialRow>(sqlx::AssertSqlSafe(format!(
+        "with input as (
+             select * from unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[],
+                                  $7::text[], $8::text[], $9::text[], $10::bytea[], $11::bytea[])
+                 as t(leaf_user_id, provider, leaf_credential_id, status, created_time, public_fields,
+                      actor, request_id, key_id, wrapped_key, secrets)),
+         upd as (
+             update credential c set
+                 sync_state = 'SYNCED',
+                 leaf_credential_id = coalesce(i.leaf_credential_id, c.leaf_credential_id),
+                 status = i.status,
+                 checked_at = now(),
+                 changed_at = case when i.status is not null then now() else c.changed_at end,
+                 created_time = coalesce(i.created_time, c.created_time),
+                 public_fields = c.public_fields || i.public_fields,
+                 key_id = coalesce(i.key_id, c.key_id),
+                 wrapped_key = coalesce(i.wrapped_key, c.wrapped_key),
+                 secrets = coalesce(i.secrets, c.secrets),
+                 rejection_status = null,
+                 rejection_detail = null
+             from input i
+             where c.leaf_user_id = i.leaf_user_id and c.provider = i.provider
+               and c.sync_state = 'PENDING_UPSTREAM' and c.status is null
+             returning c.*, i.actor, i.request_id),
+         history as (
+             insert into status_history (leaf_user_id, provider, from_status, to_status, source)
+             select leaf_user_id, provider, null, status, 'request' from upd where status is not null),
+         outbox_done as (
+             delete from outbox o using upd
+             where o.leaf_user_id = upd.leaf_user_id and o.provider = upd.provider and o.op = 'create'),
+         audited as (
+             insert into audit (actor, action, leaf_user_id, provider, outcome, request_id)
+             select actor, 'credential.create', leaf_user_id, provider, 'success', request_id from upd)
+         select {COLUMNS} from upd"
+    )))
+    .bind(items.iter().map(|s| s.user).collect::<Vec<_>>())
+    .bind(items.iter().map(|s| s.provider).collect::<Vec<_>>())
+    .bind(items.iter().map(|s| s.leaf_credential_id).collect::<Vec<_>>())
+    .bind(items.iter().map(|s| s.status.as_deref()).collect::<Vec<_>>())
+    .bind(items.iter().map(|s| s.created_time).collect::<Vec<_>>())
+    .bind(items.iter().map(|s| Json(&s.public)).collect::<Vec<_>>())
+    .bind(items.iter().map(|s| s.actor.as_str()).collect::<Vec<_>>())
+    .bind(items.iter().map(|s| s.request_id.as_str()).collect::<Vec<_>>())
+    .bind(items.iter().map(|s| s.sealed.as_ref().map(|s| s.key_id.as_str())).collect::<Vec<_>>())
+    .bind(sealed(|s| &s.wrapped_key))
+    .bind(sealed(|s| &s.secrets))
+    .fetch_all(conn)
+    .await?;
+    Ok(items
+        .iter()
+        .map(|s| {
+            let at = rows
+                .iter()
+                .position(|r| r.leaf_user_id == s.user && r.provider == s.provider)?;
+            if let Some(sealed) = &s.sealed {
+                count_encryption(&sealed.key_id);
+            }
+            Some(rows.swap_remove(at))
+        })
+        .collect())
+}
+
+struct SettleCreate;
+
+impl BatchOp for SettleCreate {
+    const NAME: &'static str = "create_settle";
+    type Item = Settle;
+    type Output = Option<CredentialRow>;
+    type Key = (Uuid, &'static str);
+
+    fn key(item: &Settle) -> Self::Key {
+        (item.user, item.provider)
+    }
+
+    async fn run_batch(
+        &self,
+        conn: &mut PgConnection,
+        items: &[Settle],
+    ) -> Result<Vec<Option<CredentialRow>>, sqlx::Error> {
+        settle_many(conn, items).await
+    }
+
+    async fn run_one(
+        &self,
+        conn: &mut PgConnection,
+        item: &Settle,
+    ) -> Result<Option<CredentialRow>, sqlx::Error> {
+        settle_one(conn, item).await
+    }
 }
 
 async fn finish_refresh(

@@ -3,6 +3,7 @@
 //! Owns: every SQL statement. Must never: see a plaintext secret (it stores only the
 //! `crypto::Sealed` blobs), or build SQL from caller input (values are always bound).
 pub mod audit;
+pub mod batch;
 pub mod credentials;
 pub mod events;
 pub mod gauges;

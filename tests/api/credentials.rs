@@ -76,6 +76,78 @@ async fn a_second_create_for_the_same_user_is_a_409() {
 }
 
 #[tokio::test]
+async fn concurrent_creates_settle_each_in_full_and_a_contested_user_gets_one_credential() {
+    // Concurrent creates share their statements (store::batch): nothing may cross between them.
+    let app = spawn_app().await;
+    let users: Vec<Uuid> = (0..16).map(|_| Uuid::new_v4()).collect();
+    let contested = Uuid::new_v4();
+    let mut calls: Vec<(Uuid, String)> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (*u, format!("{i:02}-secret-tail")))
+        .collect();
+    calls.extend((0..3).map(|i| (contested, format!("{i:02}-contested"))));
+    let app = &app;
+    let answers = futures_util::future::join_all(calls.iter().map(|(user, suffix)| async move {
+        let resp = app
+            .create(*user, &body(&format!("cid-{suffix}"), suffix))
+            .await;
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    }))
+    .await;
+    for ((user, suffix), (status, v)) in calls.iter().zip(&answers).take(users.len()) {
+        assert_eq!(*status, 201, "{user}: {v}");
+        assert_eq!(v["clientId"], format!("cid-{suffix}"));
+        assert_eq!(
+            (&v["syncState"], &v["status"]),
+            (&json!("SYNCED"), &json!("OK"))
+        );
+    }
+    let contested_statuses: Vec<u16> = answers[users.len()..].iter().map(|a| a.0).collect();
+    assert_eq!(
+        contested_statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{answers:?}"
+    );
+    assert_eq!(
+        contested_statuses.iter().filter(|s| **s == 409).count(),
+        2,
+        "{answers:?}"
+    );
+
+    // Every create settled in full, once.
+    for sql in [
+        "select count(*) from credential where sync_state = 'SYNCED' and status = 'OK' and leaf_credential_id is not null",
+        "select count(*) from audit where action = 'credential.create' and outcome = 'success'",
+        "select count(*) from status_history where from_status is null and to_status = 'OK' and source = 'request'",
+    ] {
+        assert_eq!(app.count(sql).await, 17, "{sql}");
+    }
+    assert_eq!(app.count("select count(*) from outbox").await, 0);
+    assert_eq!(
+        app.count("select count(*) from audit a join credential c using (leaf_user_id) where a.action = 'credential.create' and a.at = c.checked_at").await,
+        17,
+        "each audit entry written with its own credential's settle"
+    );
+    // Each stored credential holds its own caller's secrets.
+    for (user, suffix) in calls.iter().take(users.len()) {
+        let v: Value = app
+            .get(*user, "credentials:read credentials:reveal")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["clientSecret"], format!("client-secret-{suffix}"));
+        assert_eq!(v["clientId"], format!("cid-{suffix}"));
+    }
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("credsync_db_batched_items_total{statement=\"create_settle\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn get_reveals_secrets_only_with_the_reveal_scope_and_audits_it() {
     let app = spawn_app().await;
     let user = Uuid::new_v4();
