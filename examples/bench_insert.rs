@@ -60,7 +60,9 @@ async fn create_statements(
             grace: Duration::from_secs(30),
         })
         .await?;
-    anyhow::ensure!(stored.is_ok(), "user {user} already had a credential");
+    let Ok(pending) = stored else {
+        anyhow::bail!("user {user} already had a credential");
+    };
     let settled = writes
         .settle_create(creds::Settle {
             user,
@@ -72,6 +74,7 @@ async fn create_statements(
             sealed: Some(sealed.clone()),
             actor: "bench".into(),
             request_id: "bench-request-id".into(),
+            pending,
         })
         .await?;
     anyhow::ensure!(

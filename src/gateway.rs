@@ -558,7 +558,7 @@ impl Gateway {
             .keyring
             .seal(binding(&user, provider), &body.secrets)
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("cannot seal: {e}")))?;
-        match self
+        let pending = match self
             .creates
             .insert_pending(creds::NewCredential {
                 user,
@@ -571,7 +571,7 @@ impl Gateway {
             })
             .await?
         {
-            Ok(_) => {}
+            Ok(pending) => pending,
             Err(creds::CreateConflict::Exists) => {
                 return Err(ApiError::Conflict(
                     "a credential already exists for this user; delete it first".into(),
@@ -583,7 +583,7 @@ impl Gateway {
                         .into(),
                 ));
             }
-        }
+        };
         let request = leaf_create_body(provider, body);
         match self
             .leaf
@@ -612,6 +612,7 @@ impl Gateway {
                         sealed,
                         actor: actor.sub.to_owned(),
                         request_id: actor.request_id.to_owned(),
+                        pending,
                     })
                     .await?
                 {

@@ -124,20 +124,33 @@ pub struct NewCredential {
     pub grace: std::time::Duration,
 }
 
+/// Where a create's first write put its two rows: the settle addresses them by tuple id, which
+/// stays valid while nothing else writes them (anything that does moves them, and the settle
+/// then finds nothing and says so).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Pending {
+    pub outbox_id: i64,
+    row_at: String,
+    outbox_at: String,
+}
+
 /// Insert the PENDING_UPSTREAM row and its outbox entry in one statement; `None` (nothing
 /// written) when a row exists for the user and provider.
 async fn insert_fresh<'e, E: sqlx::PgExecutor<'e>>(
     db: E,
     new: &NewCredential,
-) -> Result<Option<i64>, sqlx::Error> {
-    let id = sqlx::query_scalar(
+) -> Result<Option<Pending>, sqlx::Error> {
+    let pending = sqlx::query_as::<_, Pending>(
         "with ins as (
              insert into credential (leaf_user_id, provider, sync_state, public_fields, key_id, wrapped_key, secrets)
              values ($1, $2, 'PENDING_UPSTREAM', $3, $4, $5, $6) on conflict do nothing
-             returning leaf_user_id, provider)
-         insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
-         select leaf_user_id, provider, 'create', now() + make_interval(secs => $7), $8, $9 from ins
-         returning id",
+             returning ctid),
+         queued as (
+             insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
+             select $1, $2, 'create', now() + make_interval(secs => $7), $8, $9 from ins
+             returning id, ctid)
+         select queued.id as outbox_id, ins.ctid::text as row_at, queued.ctid::text as outbox_at
+         from ins, queued",
     )
     .bind(new.user)
     .bind(new.provider)
@@ -150,19 +163,26 @@ async fn insert_fresh<'e, E: sqlx::PgExecutor<'e>>(
     .bind(&new.actor)
     .fetch_optional(db)
     .await?;
-    if id.is_some() {
+    if pending.is_some() {
         count_encryption(&new.sealed.key_id);
     }
-    Ok(id)
+    Ok(pending)
 }
 
-/// [`insert_fresh`] for many creates in one statement: the outbox entry's id per item, `None`
-/// for those whose user already has a row.
+/// [`insert_fresh`] for many creates in one statement: `None` for those whose user already
+/// has a row.
 async fn insert_fresh_many(
     conn: &mut PgConnection,
     items: &[Arc<NewCredential>],
-) -> Result<Vec<Option<i64>>, sqlx::Error> {
-    let inserted: Vec<(i64, Uuid, String)> = sqlx::query_as(
+) -> Result<Vec<Option<Pending>>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Inserted {
+        leaf_user_id: Uuid,
+        provider: String,
+        #[sqlx(flatten)]
+        pending: Pending,
+    }
+    let mut inserted: Vec<Inserted> = sqlx::query_as(
         "with input as (
              select * from unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::bytea[], $6::bytea[],
                                   $7::float8[], $8::text[], $9::text[])
@@ -171,11 +191,14 @@ async fn insert_fresh_many(
              insert into credential (leaf_user_id, provider, sync_state, public_fields, key_id, wrapped_key, secrets)
              select leaf_user_id, provider, 'PENDING_UPSTREAM', public_fields, key_id, wrapped_key, secrets from input
              on conflict do nothing
-             returning leaf_user_id, provider)
-         insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
-         select leaf_user_id, provider, 'create', now() + make_interval(secs => grace), request_id, actor
-         from ins join input using (leaf_user_id, provider)
-         returning id, leaf_user_id, provider",
+             returning leaf_user_id, provider, ctid),
+         queued as (
+             insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
+             select leaf_user_id, provider, 'create', now() + make_interval(secs => grace), request_id, actor
+             from ins join input using (leaf_user_id, provider)
+             returning id, leaf_user_id, provider, ctid)
+         select leaf_user_id, provider, queued.id as outbox_id, ins.ctid::text as row_at, queued.ctid::text as outbox_at
+         from ins join queued using (leaf_user_id, provider)",
     )
     .bind(items.iter().map(|n| n.user).collect::<Vec<_>>())
     .bind(items.iter().map(|n| n.provider).collect::<Vec<_>>())
@@ -191,14 +214,11 @@ async fn insert_fresh_many(
     Ok(items
         .iter()
         .map(|n| {
-            let id = inserted
+            let at = inserted
                 .iter()
-                .find(|(_, user, provider)| *user == n.user && provider == n.provider)
-                .map(|(id, _, _)| *id);
-            if id.is_some() {
-                count_encryption(&n.sealed.key_id);
-            }
-            id
+                .position(|i| i.leaf_user_id == n.user && i.provider == n.provider)?;
+            count_encryption(&n.sealed.key_id);
+            Some(inserted.swap_remove(at).pending)
         })
         .collect())
 }
@@ -207,7 +227,7 @@ async fn insert_fresh_many(
 async fn insert_after_conflict(
     pool: &PgPool,
     new: &NewCredential,
-) -> Result<Result<i64, CreateConflict>, sqlx::Error> {
+) -> Result<Result<Pending, CreateConflict>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let existing: Option<String> = sqlx::query_scalar(
         "select sync_state from credential where leaf_user_id = $1 and provider = $2 for update",
@@ -228,11 +248,11 @@ async fn insert_after_conflict(
         Some(_) => return Ok(Err(CreateConflict::Exists)),
         None => {}
     }
-    let Some(id) = insert_fresh(&mut *tx, new).await? else {
+    let Some(pending) = insert_fresh(&mut *tx, new).await? else {
         return Ok(Err(CreateConflict::Exists));
     };
     tx.commit().await?;
-    Ok(Ok(id))
+    Ok(Ok(pending))
 }
 
 /// The create path's two writes, each shared by the creates that reach it at the same time
@@ -257,10 +277,10 @@ impl CreateWrites {
     pub async fn insert_pending(
         &self,
         new: NewCredential,
-    ) -> Result<Result<i64, CreateConflict>, sqlx::Error> {
+    ) -> Result<Result<Pending, CreateConflict>, sqlx::Error> {
         let new = Arc::new(new);
-        if let Some(id) = self.inserts.submit(Arc::clone(&new)).await? {
-            return Ok(Ok(id));
+        if let Some(pending) = self.inserts.submit(Arc::clone(&new)).await? {
+            return Ok(Ok(pending));
         }
         insert_after_conflict(&self.pool, &new).await
     }
@@ -284,7 +304,7 @@ struct InsertPending;
 impl BatchOp for InsertPending {
     const NAME: &'static str = "create_insert";
     type Item = Arc<NewCredential>;
-    type Output = Option<i64>;
+    type Output = Option<Pending>;
     type Key = (Uuid, &'static str);
 
     fn key(item: &Self::Item) -> Self::Key {
@@ -295,7 +315,7 @@ impl BatchOp for InsertPending {
         &self,
         conn: &mut PgConnection,
         items: &[Self::Item],
-    ) -> Result<Vec<Option<i64>>, sqlx::Error> {
+    ) -> Result<Vec<Option<Pending>>, sqlx::Error> {
         insert_fresh_many(conn, items).await
     }
 
@@ -303,7 +323,7 @@ impl BatchOp for InsertPending {
         &self,
         conn: &mut PgConnection,
         item: &Self::Item,
-    ) -> Result<Option<i64>, sqlx::Error> {
+    ) -> Result<Option<Pending>, sqlx::Error> {
         insert_fresh(conn, item).await
     }
 }
@@ -469,9 +489,11 @@ pub struct Settle {
     pub sealed: Option<Sealed>,
     pub actor: String,
     pub request_id: String,
+    /// Where [`CreateWrites::insert_pending`] put the rows.
+    pub pending: Pending,
 }
 
-/// The settle's statement for one create.
+/// The settle's statement for one create (by key: it needs no [`Pending`]).
 async fn settle_one(
     conn: &mut PgConnection,
     settle: &Settle,
@@ -524,20 +546,30 @@ async fn settle_one(
     Ok(row)
 }
 
-/// [`settle_one`] for many creates in one statement.
+/// [`settle_one`] for many creates in one statement. The two rows of each are addressed by
+/// tuple id ([`Pending`]): a queue table such as `outbox` is mostly dead tuples under load, and
+/// a join on keys there is planned as a scan of all of them. A row that moved since the insert
+/// is not settled here (`None`, as for a row no longer pending); an outbox entry that moved is
+/// deleted by key afterwards.
 async fn settle_many(
     conn: &mut PgConnection,
     items: &[Settle],
 ) -> Result<Vec<Option<CredentialRow>>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Settled {
+        #[sqlx(flatten)]
+        row: CredentialRow,
+        outbox_done: bool,
+    }
     let sealed = |f: fn(&Sealed) -> &[u8]| -> Vec<Option<&[u8]>> {
         items.iter().map(|s| s.sealed.as_ref().map(f)).collect()
     };
-    let mut rows = sqlx::query_as::<_, CredentialRow>(sqlx::AssertSqlSafe(format!(
+    let mut settled = sqlx::query_as::<_, Settled>(sqlx::AssertSqlSafe(format!(
         "with input as (
              select * from unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[],
-                                  $7::text[], $8::text[], $9::text[], $10::bytea[], $11::bytea[])
+                                  $7::text[], $8::text[], $9::text[], $10::bytea[], $11::bytea[], $12::text[], $13::text[])
                  as t(leaf_user_id, provider, leaf_credential_id, status, created_time, public_fields,
-                      actor, request_id, key_id, wrapped_key, secrets)),
+                      actor, request_id, key_id, wrapped_key, secrets, row_at, outbox_at)),
          upd as (
              update credential c set
                  sync_state = 'SYNCED',
@@ -553,19 +585,25 @@ async fn settle_many(
                  rejection_status = null,
                  rejection_detail = null
              from input i
-             where c.leaf_user_id = i.leaf_user_id and c.provider = i.provider
+             where c.ctid = any($12::tid[]) and c.ctid = i.row_at::tid
+               and c.leaf_user_id = i.leaf_user_id and c.provider = i.provider
                and c.sync_state = 'PENDING_UPSTREAM' and c.status is null
-             returning c.*, i.actor, i.request_id),
+             returning c.*, i.actor, i.request_id, i.outbox_at),
          history as (
              insert into status_history (leaf_user_id, provider, from_status, to_status, source)
              select leaf_user_id, provider, null, status, 'request' from upd where status is not null),
          outbox_done as (
              delete from outbox o using upd
-             where o.leaf_user_id = upd.leaf_user_id and o.provider = upd.provider and o.op = 'create'),
+             where o.ctid = any($13::tid[]) and o.ctid = upd.outbox_at::tid
+               and o.leaf_user_id = upd.leaf_user_id and o.provider = upd.provider and o.op = 'create'
+             returning o.leaf_user_id, o.provider),
          audited as (
              insert into audit (actor, action, leaf_user_id, provider, outcome, request_id)
              select actor, 'credential.create', leaf_user_id, provider, 'success', request_id from upd)
-         select {COLUMNS} from upd"
+         select {COLUMNS},
+                exists (select 1 from outbox_done d where d.leaf_user_id = upd.leaf_user_id and d.provider = upd.provider)
+                    as outbox_done
+         from upd"
     )))
     .bind(items.iter().map(|s| s.user).collect::<Vec<_>>())
     .bind(items.iter().map(|s| s.provider).collect::<Vec<_>>())
@@ -578,20 +616,39 @@ async fn settle_many(
     .bind(items.iter().map(|s| s.sealed.as_ref().map(|s| s.key_id.as_str())).collect::<Vec<_>>())
     .bind(sealed(|s| &s.wrapped_key))
     .bind(sealed(|s| &s.secrets))
-    .fetch_all(conn)
+    .bind(items.iter().map(|s| s.pending.row_at.as_str()).collect::<Vec<_>>())
+    .bind(items.iter().map(|s| s.pending.outbox_at.as_str()).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
     .await?;
+    for moved in settled.iter().filter(|s| !s.outbox_done) {
+        delete_create_entry(&mut *conn, moved.row.leaf_user_id, &moved.row.provider).await?;
+    }
     Ok(items
         .iter()
         .map(|s| {
-            let at = rows
+            let at = settled
                 .iter()
-                .position(|r| r.leaf_user_id == s.user && r.provider == s.provider)?;
+                .position(|r| r.row.leaf_user_id == s.user && r.row.provider == s.provider)?;
             if let Some(sealed) = &s.sealed {
                 count_encryption(&sealed.key_id);
             }
-            Some(rows.swap_remove(at))
+            Some(settled.swap_remove(at).row)
         })
         .collect())
+}
+
+/// Drop a user's create entry from the outbox: Leaf has the credential.
+async fn delete_create_entry<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    user: Uuid,
+    provider: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("delete from outbox where leaf_user_id = $1 and provider = $2 and op = 'create'")
+        .bind(user)
+        .bind(provider)
+        .execute(db)
+        .await?;
+    Ok(())
 }
 
 struct SettleCreate;
@@ -659,11 +716,7 @@ async fn finish_refresh(
     if let (true, Some(to)) = (changed, leaf.status) {
         insert_history(&mut tx, user, provider, old_status.as_deref(), to, source).await?;
     }
-    sqlx::query("delete from outbox where leaf_user_id = $1 and provider = $2 and op = 'create'")
-        .bind(user)
-        .bind(provider)
-        .execute(&mut *tx)
-        .await?;
+    delete_create_entry(&mut *tx, user, provider).await?;
     tx.commit().await?;
     Ok(Some(Refreshed { row, adopted }))
 }
@@ -792,11 +845,7 @@ pub async fn reject(
     .bind(detail)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("delete from outbox where leaf_user_id = $1 and provider = $2 and op = 'create'")
-        .bind(user)
-        .bind(provider)
-        .execute(&mut *tx)
-        .await?;
+    delete_create_entry(&mut *tx, user, provider).await?;
     tx.commit().await
 }
 

@@ -181,3 +181,138 @@ async fn a_panicking_batch_fails_its_callers_and_the_next_caller_is_served() {
     assert_eq!(batcher.submit((7, 7)).await.unwrap(), 70);
     assert_eq!(stored(&db).await, [(7, 7)]);
 }
+
+mod creates {
+    use credsync::crypto::{Binding, Keyring, SecretFields};
+    use credsync::store::credentials::{CreateWrites, NewCredential, Pending, Settle};
+    use futures_util::future::join_all;
+    use secrecy::SecretString;
+    use uuid::Uuid;
+
+    use crate::db::fresh_database_url;
+    use crate::helpers::key_b64;
+
+    const PROVIDER: &str = "climate-field-view";
+
+    fn new_credential(keyring: &Keyring, user: Uuid) -> NewCredential {
+        let mut secrets = SecretFields::default();
+        secrets.insert("clientSecret", SecretString::from("secret-of-the-test"));
+        let sealed = keyring
+            .seal(
+                Binding {
+                    leaf_user_id: &user,
+                    provider: PROVIDER,
+                },
+                &secrets,
+            )
+            .unwrap();
+        let mut public = serde_json::Map::new();
+        public.insert("clientId".into(), user.to_string().into());
+        NewCredential {
+            user,
+            provider: PROVIDER,
+            public,
+            sealed,
+            actor: "test".into(),
+            request_id: format!("request-{user}"),
+            grace: std::time::Duration::from_secs(60),
+        }
+    }
+
+    fn settle(user: Uuid, pending: Pending) -> Settle {
+        Settle {
+            user,
+            provider: PROVIDER,
+            leaf_credential_id: Some(Uuid::new_v4()),
+            status: Some("OK".into()),
+            created_time: None,
+            public: serde_json::Map::new(),
+            sealed: None,
+            actor: "test".into(),
+            request_id: format!("request-{user}"),
+            pending,
+        }
+    }
+
+    async fn count(db: &sqlx::PgPool, sql: &'static str, user: Uuid) -> i64 {
+        sqlx::query_scalar(sql)
+            .bind(user)
+            .fetch_one(db)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_shared_settle_follows_rows_that_moved_since_their_insert() {
+        let url = SecretString::from(fresh_database_url().await);
+        let db = credsync::store::pool(&url, 4).unwrap();
+        credsync::store::migrate(&db).await.unwrap();
+        let keyring = Keyring::parse(&format!("k1:{}", key_b64(1)), None, None).unwrap();
+        let writes = CreateWrites::new(db.clone());
+        let users: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+        let pending: Vec<Pending> = join_all(
+            users
+                .iter()
+                .map(|u| writes.insert_pending(new_credential(&keyring, *u))),
+        )
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+
+        // Between the insert and the settle, the outbox entry of users[0] is rewritten (a worker
+        // leasing it), and the credential row of users[1] too (a key rotation, say).
+        sqlx::query("update outbox set last_error = 'moved' where leaf_user_id = $1")
+            .bind(users[0])
+            .execute(&db)
+            .await
+            .unwrap();
+        sqlx::query("update credential set lease_owner = 'moved' where leaf_user_id = $1")
+            .bind(users[1])
+            .execute(&db)
+            .await
+            .unwrap();
+
+        let settled = join_all(
+            users
+                .iter()
+                .zip(pending)
+                .map(|(u, p)| writes.settle_create(settle(*u, p))),
+        )
+        .await;
+        for (i, (user, row)) in users.iter().zip(&settled).enumerate() {
+            let row = row.as_ref().unwrap();
+            if i == 1 {
+                // Not settled here: the caller takes the general path, which reads the row.
+                assert!(row.is_none());
+                assert_eq!(
+                    count(&db, "select count(*) from credential where leaf_user_id = $1 and sync_state = 'PENDING_UPSTREAM'", *user).await,
+                    1
+                );
+                assert_eq!(
+                    count(
+                        &db,
+                        "select count(*) from outbox where leaf_user_id = $1",
+                        *user
+                    )
+                    .await,
+                    1
+                );
+                continue;
+            }
+            let row = row.as_ref().expect("settled");
+            assert_eq!(
+                (row.leaf_user_id, row.sync_state.as_str()),
+                (*user, "SYNCED")
+            );
+            assert_eq!(row.public_fields.0["clientId"], user.to_string());
+            for sql in [
+                "select count(*) from outbox where leaf_user_id = $1",
+                "select count(*) - 1 from audit where leaf_user_id = $1 and action = 'credential.create'",
+                "select count(*) - 1 from status_history where leaf_user_id = $1 and to_status = 'OK'",
+            ] {
+                assert_eq!(count(&db, sql, *user).await, 0, "{sql} for user {i}");
+            }
+        }
+    }
+}
