@@ -546,36 +546,15 @@ async fn settle_one(
     Ok(row)
 }
 
-/// [`settle_one`] for many creates in one statement. The two rows of each are addressed by
-/// tuple id ([`Pending`]): a queue table such as `outbox` is mostly dead tuples under load, and
-/// a join on keys there is planned as a scan of all of them. A row that moved since the insert
-/// is not settled here (`None`, as for a row no longer pending); an outbox entry that moved is
-/// deleted by key afterwards.
-async fn settle_many(
-    conn: &mut PgConnection,
-    items: &[Settle],
-) -> Result<Vec<Option<CredentialRow>>, sqlx::Error> {
-    #[derive(sqlx::FromRow)]
-    struct Settled {
-        #[sqlx(flatten)]
-        row: CredentialRow,
-        outbox_done: bool,
-    }
-    let sealed = |f: fn(&Sealed) -> &[u8]| -> Vec<Option<&[u8]>> {
-        items.iter().map(|s| s.sealed.as_ref().map(f)).collect()
-    };
-    // A connection plans this statement once and keeps the plan. Planned while the tables are
-    // small (a fresh database), a scan of the table or of the `sync_state` and `status` indexes
-    // looks cheapest, and it stays the plan as they grow (and fill with dead tuples, the
-    // outbox above all): creates/s halved within seconds in the benchmark. Tuple ids are the
-    // way in at any size, so the other ways are ruled out for this transaction.
-    let mut tx = conn
-        .begin_with(
-            "begin; set local enable_seqscan = off; set local enable_bitmapscan = off; \
-             set local enable_indexscan = off",
-        )
-        .await?;
-    let mut settled = sqlx::query_as::<_, Settled>(sqlx::AssertSqlSafe(format!(
+/// The planner settings of [`settle_many`]'s transaction (public for the plan test).
+#[doc(hidden)]
+pub const SETTLE_MANY_SETTINGS: &str = "set local enable_seqscan = off; set local enable_bitmapscan = off; \
+     set local enable_indexscan = off";
+
+/// [`settle_many`]'s statement (public for the plan test).
+#[doc(hidden)]
+pub fn settle_many_sql() -> String {
+    format!(
         "with input as (
              select * from unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[],
                                   $7::text[], $8::text[], $9::text[], $10::bytea[], $11::bytea[], $12::text[], $13::text[])
@@ -615,22 +594,83 @@ async fn settle_many(
                 exists (select 1 from outbox_done d where d.leaf_user_id = upd.leaf_user_id and d.provider = upd.provider)
                     as outbox_done
          from upd"
-    )))
-    .bind(items.iter().map(|s| s.user).collect::<Vec<_>>())
-    .bind(items.iter().map(|s| s.provider).collect::<Vec<_>>())
-    .bind(items.iter().map(|s| s.leaf_credential_id).collect::<Vec<_>>())
-    .bind(items.iter().map(|s| s.status.as_deref()).collect::<Vec<_>>())
-    .bind(items.iter().map(|s| s.created_time).collect::<Vec<_>>())
-    .bind(items.iter().map(|s| Json(&s.public)).collect::<Vec<_>>())
-    .bind(items.iter().map(|s| s.actor.as_str()).collect::<Vec<_>>())
-    .bind(items.iter().map(|s| s.request_id.as_str()).collect::<Vec<_>>())
-    .bind(items.iter().map(|s| s.sealed.as_ref().map(|s| s.key_id.as_str())).collect::<Vec<_>>())
-    .bind(sealed(|s| &s.wrapped_key))
-    .bind(sealed(|s| &s.secrets))
-    .bind(items.iter().map(|s| s.pending.row_at.as_str()).collect::<Vec<_>>())
-    .bind(items.iter().map(|s| s.pending.outbox_at.as_str()).collect::<Vec<_>>())
-    .fetch_all(&mut *tx)
-    .await?;
+    )
+}
+
+/// [`settle_one`] for many creates in one statement. The two rows of each are addressed by
+/// tuple id ([`Pending`]): a queue table such as `outbox` is mostly dead tuples under load, and
+/// a join on keys there is planned as a scan of all of them. A row that moved since the insert
+/// is not settled here (`None`, as for a row no longer pending); an outbox entry that moved is
+/// deleted by key afterwards.
+async fn settle_many(
+    conn: &mut PgConnection,
+    items: &[Settle],
+) -> Result<Vec<Option<CredentialRow>>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Settled {
+        #[sqlx(flatten)]
+        row: CredentialRow,
+        outbox_done: bool,
+    }
+    let sealed = |f: fn(&Sealed) -> &[u8]| -> Vec<Option<&[u8]>> {
+        items.iter().map(|s| s.sealed.as_ref().map(f)).collect()
+    };
+    // A connection plans this statement once and keeps the plan. Planned while the tables are
+    // small (a fresh database), a scan of the table or of the `sync_state` and `status` indexes
+    // looks cheapest, and it stays the plan as they grow (and fill with dead tuples, the
+    // outbox above all): creates/s halved within seconds in the benchmark. Tuple ids are the
+    // way in at any size, so the other ways are ruled out for this transaction.
+    let mut tx = conn
+        .begin_with(sqlx::AssertSqlSafe(format!(
+            "begin; {SETTLE_MANY_SETTINGS}"
+        )))
+        .await?;
+    let mut settled = sqlx::query_as::<_, Settled>(sqlx::AssertSqlSafe(settle_many_sql()))
+        .bind(items.iter().map(|s| s.user).collect::<Vec<_>>())
+        .bind(items.iter().map(|s| s.provider).collect::<Vec<_>>())
+        .bind(
+            items
+                .iter()
+                .map(|s| s.leaf_credential_id)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            items
+                .iter()
+                .map(|s| s.status.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(items.iter().map(|s| s.created_time).collect::<Vec<_>>())
+        .bind(items.iter().map(|s| Json(&s.public)).collect::<Vec<_>>())
+        .bind(items.iter().map(|s| s.actor.as_str()).collect::<Vec<_>>())
+        .bind(
+            items
+                .iter()
+                .map(|s| s.request_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            items
+                .iter()
+                .map(|s| s.sealed.as_ref().map(|s| s.key_id.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(sealed(|s| &s.wrapped_key))
+        .bind(sealed(|s| &s.secrets))
+        .bind(
+            items
+                .iter()
+                .map(|s| s.pending.row_at.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            items
+                .iter()
+                .map(|s| s.pending.outbox_at.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&mut *tx)
+        .await?;
     tx.commit().await?;
     // Rare (a worker leased the entry meanwhile), and a leftover entry of a SYNCED credential is
     // dropped by the worker anyway: deleted by key after the commit, with the planner's choice.

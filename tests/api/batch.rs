@@ -315,4 +315,55 @@ mod creates {
             }
         }
     }
+
+    /// Every scan of `credential` and `outbox` in a plan (the updates and deletes aside).
+    fn scans<'a>(node: &'a serde_json::Value, out: &mut Vec<(&'a str, &'a str)>) {
+        if let (Some(rel), Some(kind)) =
+            (node["Relation Name"].as_str(), node["Node Type"].as_str())
+            && (rel == "credential" || rel == "outbox")
+            && kind != "ModifyTable"
+        {
+            out.push((rel, kind));
+        }
+        for child in node["Plans"].as_array().into_iter().flatten() {
+            scans(child, out);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_shared_settle_reaches_its_rows_by_tuple_id_even_when_planned_on_empty_tables() {
+        use credsync::store::credentials::{SETTLE_MANY_SETTINGS, settle_many_sql};
+        // A connection plans the statement once, generically, and keeps the plan: on a fresh
+        // database that happens while the tables are empty.
+        let url = SecretString::from(fresh_database_url().await);
+        let db = credsync::store::pool(&url, 2).unwrap();
+        credsync::store::migrate(&db).await.unwrap();
+        let mut conn = db.acquire().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "begin; {SETTLE_MANY_SETTINGS}; set local plan_cache_mode = force_generic_plan; \
+             prepare settle as {}",
+            settle_many_sql()
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let plan: serde_json::Value = sqlx::query_scalar(
+            "explain (format json) execute settle(array[gen_random_uuid()], array['climate-field-view'],
+                 array[null::uuid], array['OK'], array[now()], array['{}'::jsonb], array['a'], array['r'],
+                 array[null::text], array[null::bytea], array[null::bytea], array['(0,1)'], array['(0,1)'])",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        let mut found = Vec::new();
+        scans(&plan[0]["Plan"], &mut found);
+        assert!(
+            found.contains(&("credential", "Tid Scan")) && found.contains(&("outbox", "Tid Scan")),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().all(|(_, kind)| *kind == "Tid Scan"),
+            "a scan other than by tuple id: {found:?}\n{plan:#}"
+        );
+    }
 }
