@@ -1,8 +1,8 @@
 //! The `credential`, `outbox` and `status_history` tables: local copies, pending upstream work,
 //! and status transitions.
-use sqlx::types::Json;
 use std::sync::Arc;
 
+use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
