@@ -129,7 +129,6 @@ pub struct NewCredential {
 /// then finds nothing and says so).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Pending {
-    pub outbox_id: i64,
     row_at: String,
     outbox_at: String,
 }
@@ -148,8 +147,8 @@ async fn insert_fresh<'e, E: sqlx::PgExecutor<'e>>(
          queued as (
              insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
              select $1, $2, 'create', now() + make_interval(secs => $7), $8, $9 from ins
-             returning id, ctid)
-         select queued.id as outbox_id, ins.ctid::text as row_at, queued.ctid::text as outbox_at
+             returning ctid)
+         select ins.ctid::text as row_at, queued.ctid::text as outbox_at
          from ins, queued",
     )
     .bind(new.user)
@@ -196,8 +195,8 @@ async fn insert_fresh_many(
              insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
              select leaf_user_id, provider, 'create', now() + make_interval(secs => grace), request_id, actor
              from ins join input using (leaf_user_id, provider)
-             returning id, leaf_user_id, provider, ctid)
-         select leaf_user_id, provider, queued.id as outbox_id, ins.ctid::text as row_at, queued.ctid::text as outbox_at
+             returning leaf_user_id, provider, ctid)
+         select leaf_user_id, provider, ins.ctid::text as row_at, queued.ctid::text as outbox_at
          from ins join queued using (leaf_user_id, provider)",
     )
     .bind(items.iter().map(|n| n.user).collect::<Vec<_>>())
