@@ -5,8 +5,11 @@ use crate::domain::credential::{REPORTED_STATUSES, UNKNOWN_STATUS};
 
 /// Refresh `credsync_credentials{status}`, `credsync_outbox_pending` and `credsync_sync_lag_seconds`.
 pub async fn refresh(pool: &PgPool) -> Result<(), sqlx::Error> {
+    // From the summary's trigger-kept count deltas (a handful of rows), not a pass over every
+    // credential at each scrape.
     let by_status: Vec<(Option<String>, i64)> = sqlx::query_as(
-        "select status, count(*) from credential where sync_state <> 'DELETE_PENDING' group by status",
+        "select nullif(status, ''), sum(n)::int8 from credential_count_delta
+         group by status having sum(n) <> 0",
     )
     .fetch_all(pool)
     .await?;

@@ -56,6 +56,69 @@ async fn health_readiness_metrics_and_openapi_answer_without_a_token() {
     );
 }
 
+/// The value of one sample of `/metrics`, e.g. `credsync_credentials{status="OK"}`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test]
+async fn the_credentials_gauge_counts_credentials_by_status_and_leaves_out_deleted_ones() {
+    let app = spawn_app().await;
+    let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for (i, u) in users.iter().enumerate() {
+        let r = app
+            .create(*u, &body("c", &format!("gauge0000000{i}")))
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    // One turns UNAUTHENTICATED at Leaf and a GET brings that home; another is deleted.
+    let r = app
+        .sim_put(
+            &format!(
+                "/__sim/users/{}/climate-field-view-credentials/status",
+                users[0]
+            ),
+            json!({"status": "UNAUTHENTICATED"}),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    assert_eq!(app.get(users[0], "credentials:read").await.status(), 200);
+    assert_eq!(
+        app.delete(users[1], "credentials:delete").await.status(),
+        204
+    );
+
+    // The recorder is one per test process: another test's scrape may set the gauge between
+    // this one's refresh and its rendering, so a mismatch is scraped again before it counts.
+    let expected = [
+        ("OK", 1.0),
+        ("UNAUTHENTICATED", 1.0),
+        // Known statuses are shown at zero.
+        ("MISSING_PERMISSION", 0.0),
+        ("UNKNOWN", 0.0),
+    ];
+    wait_until(
+        "credsync_credentials by status",
+        Duration::from_secs(10),
+        || async {
+            let text = app.metrics().await;
+            expected.iter().all(|(status, n)| {
+                sample(
+                    &text,
+                    &format!("credsync_credentials{{status=\"{status}\"}}"),
+                ) == Some(*n)
+            })
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn readiness_is_503_when_postgres_is_unreachable() {
     // Started without migrations (`serve --no-migrate`) while Postgres is down: it stays up.
