@@ -11,6 +11,7 @@ pub mod idempotency;
 pub mod query;
 pub mod work;
 
+use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection, PgPool, Postgres};
+use tokio::sync::oneshot;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -74,17 +76,33 @@ fn pool_with(opts: PgConnectOptions, max_connections: u32) -> PgPool {
 /// Postgres wake-up per query, ~14 % of credsync's CPU on a forwarded read. A read that
 /// completed leaves its connection here instead, for the next read on the same worker.
 ///
+/// A small pool of its own, in front of the real one: at most `slots` connections (half the
+/// pool's) are taken for reads at a time, idle here or in use. A read takes a kept connection,
+/// else a free slot (a connection from the pool), else it queues; a read that completes hands
+/// its connection to the read that has waited longest, and only keeps it when none waits.
+/// First come, first served: when every connection was busy, an earlier version let each
+/// completed read's connection go to the next read to arrive while the reads queued at the pool
+/// starved (p99 1.4 s against a p50 of 0.12 ms, 2 connections per worker, 32 callers).
+///
 /// Must never hold a connection whose query did not complete: only [`Stashed::keep`] puts one
 /// here, and a [`Stashed`] dropped without it (an error, a request cancelled mid-query) returns
-/// its connection to the pool, which pings it and closes it when broken. Holds at most `max`
-/// connections, each idle for less than [`PING_IDLE_AFTER`] (older ones go back to the pool,
-/// whose restart check and lifetimes then apply) and reused at most [`ConnStash::MAX_REUSE`]
-/// times in a row. What sits here is taken from the pool's connections, so `max` stays well
-/// under the pool's size and [`ConnStash::sweep`] hands idle ones back.
+/// its connection to the pool, which pings it and closes it when broken, and frees its slot.
+/// A connection idle here for [`PING_IDLE_AFTER`] goes back to the pool (whose restart check and
+/// lifetimes then apply), as does one reused [`ConnStash::MAX_REUSE`] times in a row.
 pub struct ConnStash {
     pool: PgPool,
-    max: usize,
-    idle: Mutex<Vec<Kept>>,
+    slots: usize,
+    state: Mutex<StashState>,
+}
+
+#[derive(Default)]
+struct StashState {
+    /// Kept connections, oldest first. Never non-empty while a read waits.
+    idle: Vec<Kept>,
+    /// Slots taken: connections idle here or in use, and acquisitions from the pool under way.
+    taken: usize,
+    /// Reads waiting, longest first (a closed one was cancelled and is skipped).
+    waiting: VecDeque<oneshot::Sender<Handoff>>,
 }
 
 struct Kept {
@@ -93,16 +111,22 @@ struct Kept {
     uses: u32,
 }
 
+/// What a waiting read is handed: a connection, or the slot of one that went back to the pool.
+enum Handoff {
+    Conn(Kept),
+    Slot,
+}
+
 impl ConnStash {
     /// Uses before a connection goes back through the pool (and its lifetime checks) once.
     pub const MAX_REUSE: u32 = 1000;
 
-    /// A stash over `pool` keeping up to a quarter of its `pool_size` connections (at least one).
+    /// A stash over `pool` taking up to half of its `pool_size` connections (at least one).
     pub fn new(pool: PgPool, pool_size: u32) -> ConnStash {
         ConnStash {
             pool,
-            max: usize::try_from(pool_size / 4).unwrap_or(1).max(1),
-            idle: Mutex::new(Vec::new()),
+            slots: usize::try_from(pool_size / 2).unwrap_or(1).max(1),
+            state: Mutex::new(StashState::default()),
         }
     }
 
@@ -113,32 +137,98 @@ impl ConnStash {
         stash
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Kept>> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> std::sync::MutexGuard<'_, StashState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The most recently kept connection when it is fresh, else one from the pool.
+    /// The most recently kept connection when it is fresh, else one from the pool when a slot
+    /// is free, else the first connection or slot a completing read hands over (to the waiting
+    /// reads in arrival order).
     pub async fn acquire(&self) -> Result<Stashed<'_>, sqlx::Error> {
-        let (fresh, stale) = {
-            let mut idle = self.idle();
-            let stale = drain_stale(&mut idle);
-            (idle.pop(), stale)
+        let (start, stale) = {
+            let mut state = self.state();
+            let stale = drain_stale(&mut state.idle);
+            state.taken -= stale.len();
+            let start = if let Some(kept) = state.idle.pop() {
+                Start::Kept(kept)
+            } else if state.taken < self.slots {
+                state.taken += 1;
+                Start::Slot
+            } else {
+                state.waiting.retain(|w| !w.is_closed());
+                let (tx, rx) = oneshot::channel();
+                state.waiting.push_back(tx);
+                Start::Queued(rx)
+            };
+            (start, stale)
         };
         drop(stale);
-        let (conn, uses) = match fresh {
-            Some(k) => (k.conn, k.uses),
-            None => (self.pool.acquire().await?, 0),
+        let kept = match start {
+            Start::Kept(kept) => kept,
+            Start::Slot => self.take_from_pool(SlotGuard(Some(self))).await?,
+            Start::Queued(rx) => {
+                let mut queued = Queued { stash: self, rx };
+                match (&mut queued.rx).await {
+                    Ok(Handoff::Conn(kept)) => kept,
+                    Ok(Handoff::Slot) => self.take_from_pool(SlotGuard(Some(self))).await?,
+                    // Only `put` and `free_slot` take a waiter out, and they send.
+                    Err(_) => return Err(sqlx::Error::PoolClosed),
+                }
+            }
         };
         Ok(Stashed {
             stash: self,
-            conn,
-            uses,
+            conn: kept.conn,
+            uses: kept.uses,
+            slot: SlotGuard(Some(self)),
         })
+    }
+
+    /// A connection from the pool for a slot taken; the slot is freed when that fails or is
+    /// cancelled.
+    async fn take_from_pool(&self, slot: SlotGuard<'_>) -> Result<Kept, sqlx::Error> {
+        let conn = self.pool.acquire().await?;
+        slot.hold();
+        Ok(Kept {
+            conn,
+            since: Instant::now(),
+            uses: 0,
+        })
+    }
+
+    /// Hand a connection whose query completed to the longest-waiting read, or keep it.
+    fn put(&self, mut kept: Kept) {
+        let mut state = self.state();
+        while let Some(waiter) = state.waiting.pop_front() {
+            match waiter.send(Handoff::Conn(kept)) {
+                // That read was cancelled: the next one.
+                Err(Handoff::Conn(back)) => kept = back,
+                _ => return,
+            }
+        }
+        state.idle.push(kept);
+    }
+
+    /// A connection of this stash went back to the pool: its slot goes to the longest-waiting
+    /// read, or is free.
+    fn free_slot(&self) {
+        let mut state = self.state();
+        while let Some(waiter) = state.waiting.pop_front() {
+            if waiter.send(Handoff::Slot).is_ok() {
+                return;
+            }
+        }
+        state.taken -= 1;
     }
 
     /// Hand connections idle for [`PING_IDLE_AFTER`] back to the pool.
     pub fn sweep(&self) {
-        let stale = drain_stale(&mut self.idle());
+        let stale = {
+            let mut state = self.state();
+            let stale = drain_stale(&mut state.idle);
+            state.taken -= stale.len();
+            stale
+        };
         drop(stale);
     }
 
@@ -149,7 +239,48 @@ impl ConnStash {
 
     /// How many connections are kept right now.
     pub fn kept(&self) -> usize {
-        self.idle().len()
+        self.state().idle.len()
+    }
+}
+
+/// How a [`ConnStash::acquire`] starts.
+enum Start {
+    Kept(Kept),
+    Slot,
+    Queued(oneshot::Receiver<Handoff>),
+}
+
+/// A slot taken for a connection not yet had from the pool: freed unless [`SlotGuard::hold`].
+struct SlotGuard<'a>(Option<&'a ConnStash>);
+
+impl SlotGuard<'_> {
+    fn hold(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(stash) = self.0 {
+            stash.free_slot();
+        }
+    }
+}
+
+/// A read in the queue. Cancelled, it passes on whatever was handed to it meanwhile.
+struct Queued<'a> {
+    stash: &'a ConnStash,
+    rx: oneshot::Receiver<Handoff>,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.rx.close();
+        match self.rx.try_recv() {
+            Ok(Handoff::Conn(kept)) => self.stash.put(kept),
+            Ok(Handoff::Slot) => self.stash.free_slot(),
+            Err(_) => {}
+        }
     }
 }
 
@@ -180,11 +311,14 @@ where
     }
 }
 
-/// A connection taken from a [`ConnStash`]; dropped, it returns to the pool.
+/// A connection taken from a [`ConnStash`]; dropped, it returns to the pool (its slot goes to
+/// the next read).
 pub struct Stashed<'a> {
     stash: &'a ConnStash,
     conn: PoolConnection<Postgres>,
     uses: u32,
+    /// Dropped after `conn` (fields drop in order): the slot is freed once it is back.
+    slot: SlotGuard<'a>,
 }
 
 impl Stashed<'_> {
@@ -193,23 +327,22 @@ impl Stashed<'_> {
         &mut self.conn
     }
 
-    /// The statement completed: keep the connection for the next read, unless the stash is
-    /// full or the connection was reused long enough (then it returns to the pool, outside the
-    /// lock).
+    /// The statement completed: hand the connection to the read waiting longest, or keep it
+    /// for the next read, unless it was reused long enough (then it returns to the pool).
     pub fn keep(self) {
-        let Stashed { stash, conn, uses } = self;
-        let uses = uses + 1;
+        let uses = self.uses + 1;
         if uses >= ConnStash::MAX_REUSE {
             return;
         }
-        let mut idle = stash.idle();
-        if idle.len() < stash.max {
-            idle.push(Kept {
-                conn,
-                since: Instant::now(),
-                uses,
-            });
-        }
+        let Stashed {
+            stash, conn, slot, ..
+        } = self;
+        slot.hold();
+        stash.put(Kept {
+            conn,
+            since: Instant::now(),
+            uses,
+        });
     }
 }
 

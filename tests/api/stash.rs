@@ -1,8 +1,10 @@
 //! `store::ConnStash`: connections kept between primary-key reads, against real Postgres.
+use std::sync::Arc;
 use std::time::Duration;
 
 use credsync::store::{ConnStash, pool};
 use secrecy::SecretString;
+use tokio::sync::oneshot;
 
 use crate::db::fresh_database_url;
 
@@ -36,17 +38,116 @@ async fn a_kept_connection_serves_the_next_read() {
 }
 
 #[tokio::test]
-async fn it_keeps_at_most_a_quarter_of_the_pool() {
-    let (_db, stash) = stash(8).await;
+async fn reads_take_at_most_half_the_pool_and_a_read_past_that_waits() {
+    let (db, stash) = stash(8).await;
     let mut reads = Vec::new();
     for _ in 0..4 {
         reads.push(stash.acquire().await.unwrap());
     }
+    // A fifth read waits: the other half of the pool stays for everything else.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), stash.acquire())
+            .await
+            .is_err()
+    );
+    assert_eq!(db.size(), 4);
+    let spare = db.acquire().await.unwrap();
+    drop(spare);
     for mut read in reads {
         sqlx::query("select 1").execute(read.conn()).await.unwrap();
         read.keep();
     }
+    assert_eq!(stash.kept(), 4);
+}
+
+/// A read that holds the connection it gets until told to let it go (and keeps it then).
+fn queued_read(
+    stash: &Arc<ConnStash>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    oneshot::Receiver<i32>,
+    oneshot::Sender<()>,
+) {
+    let (got_tx, got) = oneshot::channel();
+    let (release, release_rx) = oneshot::channel::<()>();
+    let stash = stash.clone();
+    let task = tokio::spawn(async move {
+        let mut read = stash.acquire().await.unwrap();
+        let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+            .fetch_one(read.conn())
+            .await
+            .unwrap();
+        let _ = got_tx.send(pid);
+        let _ = release_rx.await;
+        read.keep();
+    });
+    (task, got, release)
+}
+
+#[tokio::test]
+async fn a_connection_kept_while_reads_wait_goes_to_the_longest_waiting_one() {
+    let (_db, stash) = stash(4).await;
+    let stash = Arc::new(stash);
+    // Both slots busy.
+    let mut a = stash.acquire().await.unwrap();
+    let a_pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(a.conn())
+        .await
+        .unwrap();
+    let b = stash.acquire().await.unwrap();
+    let (first, mut first_got, release_first) = queued_read(&stash);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (second, mut second_got, release_second) = queued_read(&stash);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(first_got.try_recv().is_err() && second_got.try_recv().is_err());
+
+    // The connection `a` keeps goes to the first read that queued, not to the second.
+    a.keep();
+    let got = tokio::time::timeout(Duration::from_secs(5), &mut first_got).await;
+    assert_eq!(got.unwrap().unwrap(), a_pid);
+    // Nor to a read that comes later: nothing is free.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), stash.acquire())
+            .await
+            .is_err()
+    );
+    assert!(second_got.try_recv().is_err());
+
+    // `b` fails (dropped, not kept): its slot goes to the second read, which takes a connection
+    // from the pool.
+    drop(b);
+    let got = tokio::time::timeout(Duration::from_secs(5), &mut second_got).await;
+    assert!(got.unwrap().is_ok());
+    for (task, release) in [(first, release_first), (second, release_second)] {
+        release.send(()).unwrap();
+        task.await.unwrap();
+    }
+    // Every slot is free again: both come back at once.
     assert_eq!(stash.kept(), 2);
+    let (c, d) = (
+        stash.acquire().await.unwrap(),
+        stash.acquire().await.unwrap(),
+    );
+    drop((c, d));
+}
+
+#[tokio::test]
+async fn a_read_cancelled_after_a_connection_was_handed_to_it_passes_it_on() {
+    let (_db, stash) = stash(2).await;
+    let stash = Arc::new(stash);
+    let mut a = stash.acquire().await.unwrap();
+    let a_pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(a.conn())
+        .await
+        .unwrap();
+    let (queued, _got, _release) = queued_read(&stash);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Handed over, then cancelled before it ran (one thread: nothing runs in between).
+    a.keep();
+    queued.abort();
+    assert!(queued.await.unwrap_err().is_cancelled());
+    assert_eq!(stash.kept(), 1, "passed on to the stash");
+    assert_eq!(backend_pid(&stash, true).await, a_pid);
 }
 
 #[tokio::test]
