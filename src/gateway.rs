@@ -1052,7 +1052,7 @@ pub fn leaf_create_body_from(
             fields.insert(f.name, v);
         }
     }
-    Zeroizing::new(serde_json::to_vec(&fields).unwrap_or_default())
+    crate::domain::credential::json_object(fields.iter().map(|(k, v)| (*k, *v)))
 }
 
 fn sort_events(list: &mut [Event], ascending: bool) {

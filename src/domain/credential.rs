@@ -1,7 +1,9 @@
 //! Credential-level domain types: the user id, the validated create body, sync states, redaction.
+use std::collections::BTreeMap;
 use std::fmt;
 
 use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
 
 use super::provider::Provider;
 use crate::crypto::SecretFields;
@@ -100,26 +102,32 @@ impl fmt::Debug for CreateBody {
 
 impl CreateBody {
     /// Validate a create body for `provider`. Error messages name the field, never a value.
+    ///
+    /// The values are read straight into buffers that are zeroized on drop (no
+    /// `serde_json::Value` tree, whose strings would be freed as they are); the answers are
+    /// those of parsing into a `serde_json::Value` first (a property test holds them equal).
     pub fn parse(provider: &Provider, bytes: &[u8]) -> Result<CreateBody, String> {
-        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        let RawBody(members) = serde_json::from_slice(bytes).map_err(|e| {
             // serde_json's syntax errors carry a position, not the input.
             format!("the body is not valid JSON ({})", classify_json_error(&e))
         })?;
-        let serde_json::Value::Object(map) = value else {
+        let Some(members) = members else {
             return Err("the body must be a JSON object".into());
         };
-        if let Some(unknown) = map.keys().find(|k| provider.create_field(k).is_none()) {
+        if let Some(unknown) = members.keys().find(|k| provider.create_field(k).is_none()) {
             return Err(format!("unknown field `{}`", truncate_name(unknown)));
         }
         let mut public = serde_json::Map::new();
         let mut secrets = SecretFields::default();
         for field in provider.create_fields {
-            let value = match map.get(field.name) {
-                None | Some(serde_json::Value::Null) => {
+            let value = match members.get(field.name) {
+                None | Some(Member::Null) => {
                     return Err(format!("field `{}` is required", field.name));
                 }
-                Some(serde_json::Value::String(s)) => s,
-                Some(_) => return Err(format!("field `{}` must be a string", field.name)),
+                Some(Member::Text(s)) => s,
+                Some(Member::Other) => {
+                    return Err(format!("field `{}` must be a string", field.name));
+                }
             };
             if value.trim().is_empty() {
                 return Err(format!("field `{}` must not be empty", field.name));
@@ -135,11 +143,16 @@ impl CreateBody {
             } else {
                 public.insert(
                     field.name.to_owned(),
-                    serde_json::Value::String(value.clone()),
+                    serde_json::Value::String(value.to_string()),
                 );
             }
         }
-        let canonical = SecretString::from(serde_json::Value::Object(map).to_string());
+        // Every member is a known field holding a string by now.
+        let canonical = json_object(members.iter().filter_map(|(k, v)| match v {
+            Member::Text(s) => Some((k.as_str(), s.as_str())),
+            Member::Null | Member::Other => None,
+        }));
+        let canonical = SecretString::from(std::str::from_utf8(&canonical).unwrap_or_default());
         Ok(CreateBody {
             public,
             secrets,
@@ -151,6 +164,161 @@ impl CreateBody {
     pub fn secret_values(&self) -> impl Iterator<Item = &str> {
         self.secrets.0.values().map(|s| s.expose_secret())
     }
+}
+
+/// A JSON document as a create body sees it: an object's members by name (the last of equal
+/// names wins, as in `serde_json::Map`), or `None` for any other JSON value.
+struct RawBody(Option<BTreeMap<String, Member>>);
+
+/// One member's value: its text (zeroized on drop), `null`, or any other JSON value.
+enum Member {
+    Text(Zeroizing<String>),
+    Null,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for RawBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Body;
+        impl<'de> serde::de::Visitor<'de> for Body {
+            type Value = RawBody;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawBody, A::Error> {
+                let mut members = BTreeMap::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    members.insert(name, map.next_value::<Member>()?);
+                }
+                Ok(RawBody(Some(members)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawBody, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(RawBody(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<RawBody, E> {
+                Ok(RawBody(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<RawBody, E> {
+                Ok(RawBody(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<RawBody, E> {
+                Ok(RawBody(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<RawBody, E> {
+                Ok(RawBody(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<RawBody, E> {
+                Ok(RawBody(None))
+            }
+            fn visit_unit<E>(self) -> Result<RawBody, E> {
+                Ok(RawBody(None))
+            }
+        }
+        d.deserialize_any(Body)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Member {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Value;
+        impl<'de> serde::de::Visitor<'de> for Value {
+            type Value = Member;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Member, E> {
+                // An exact-size copy: nothing is left behind by a reallocation.
+                Ok(Member::Text(Zeroizing::new(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Member, E> {
+                Ok(Member::Text(Zeroizing::new(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Member, E> {
+                Ok(Member::Null)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Member, E> {
+                Ok(Member::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Member, E> {
+                Ok(Member::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Member, E> {
+                Ok(Member::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Member, E> {
+                Ok(Member::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Member, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Member::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Member, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Member::Other)
+            }
+        }
+        d.deserialize_any(Value)
+    }
+}
+
+/// The JSON object of `members` (in their order), written compact as serde_json writes it into
+/// a buffer of exactly its size, zeroized on drop: growing a buffer would leave copies of
+/// secret values in the memory it frees.
+pub fn json_object<'a>(
+    members: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+) -> Zeroizing<Vec<u8>> {
+    let size = 2
+        + members
+            .clone()
+            .map(|(k, v)| json_str_len(k) + json_str_len(v) + 1)
+            .sum::<usize>()
+        + members.clone().count().saturating_sub(1);
+    let mut out = Zeroizing::new(Vec::with_capacity(size));
+    out.push(b'{');
+    for (i, (k, v)) in members.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_str(&mut out, k);
+        out.push(b':');
+        write_json_str(&mut out, v);
+    }
+    out.push(b'}');
+    debug_assert_eq!(out.len(), size);
+    out
+}
+
+/// The length of `s` as a JSON string, quotes included, escaped as serde_json escapes it.
+pub fn json_str_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\x08' | b'\x0c' | b'\n' | b'\r' | b'\t' => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 fn classify_json_error(e: &serde_json::Error) -> String {
@@ -348,7 +516,139 @@ mod props {
         ]
     }
 
+    /// The parse this module had before reading values into zeroized buffers: through a
+    /// `serde_json::Value`. The reference the zeroizing parse must answer like.
+    /// A parse's answer, comparable: the public fields, the secrets by name, the canonical JSON.
+    type Parsed = Result<(Value, Vec<(String, String)>, String), String>;
+
+    fn parse_via_value(bytes: &[u8]) -> Parsed {
+        let provider = &CLIMATE_FIELD_VIEW;
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the body is not valid JSON ({})", classify_json_error(&e)))?;
+        let Value::Object(map) = value else {
+            return Err("the body must be a JSON object".into());
+        };
+        if let Some(unknown) = map.keys().find(|k| provider.create_field(k).is_none()) {
+            return Err(format!("unknown field `{}`", truncate_name(unknown)));
+        }
+        let mut public = serde_json::Map::new();
+        let mut secrets = Vec::new();
+        for field in provider.create_fields {
+            let value = match map.get(field.name) {
+                None | Some(Value::Null) => {
+                    return Err(format!("field `{}` is required", field.name));
+                }
+                Some(Value::String(s)) => s,
+                Some(_) => return Err(format!("field `{}` must be a string", field.name)),
+            };
+            if value.trim().is_empty() {
+                return Err(format!("field `{}` must not be empty", field.name));
+            }
+            if value.len() > MAX_FIELD_BYTES {
+                return Err(format!(
+                    "field `{}` is longer than {MAX_FIELD_BYTES} bytes",
+                    field.name
+                ));
+            }
+            if field.secret {
+                secrets.push((field.name.to_owned(), value.clone()));
+            } else {
+                public.insert(field.name.to_owned(), Value::String(value.clone()));
+            }
+        }
+        secrets.sort();
+        Ok((
+            Value::Object(public),
+            secrets,
+            Value::Object(map).to_string(),
+        ))
+    }
+
+    fn parsed(bytes: &[u8]) -> Parsed {
+        CreateBody::parse(&CLIMATE_FIELD_VIEW, bytes).map(|b| {
+            let secrets = b
+                .secrets
+                .0
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose_secret().to_owned()))
+                .collect();
+            (
+                Value::Object(b.public),
+                secrets,
+                b.canonical.expose_secret().to_owned(),
+            )
+        })
+    }
+
+    /// Strings as JSON may hold them: quotes, backslashes, control characters, non-ASCII.
+    fn tricky_string() -> impl Strategy<Value = String> {
+        prop_oneof![
+            valid_value(),
+            "[\\\"\\\\\\u{0}-\\u{1f}\\u{7f}a-z/é€😀 ]{0,24}",
+            any::<String>(),
+        ]
+    }
+
+    /// A body's text: members in any order, maybe repeated, maybe `null`, maybe other types,
+    /// written compact or spaced, maybe broken.
+    fn body_text() -> impl Strategy<Value = Vec<u8>> {
+        let member = (
+            prop_oneof![
+                9 => prop::sample::select(FIELDS.to_vec()).prop_map(str::to_owned),
+                1 => "[a-zA-Z]{0,70}",
+            ],
+            prop_oneof![
+                4 => tricky_string().prop_map(Value::from),
+                1 => arb_json(),
+            ],
+        );
+        (
+            prop::collection::vec(member, 0..9),
+            any::<bool>(),
+            prop::option::weighted(0.2, 0usize..200),
+        )
+            .prop_map(|(members, spaced, cut)| {
+                let sep = if spaced { ", " } else { "," };
+                let body = members
+                    .iter()
+                    .map(|(k, v)| format!("{}:{}", Value::from(k.as_str()), v))
+                    .collect::<Vec<_>>()
+                    .join(sep);
+                let mut bytes = format!("{{{body}}}").into_bytes();
+                if let Some(cut) = cut {
+                    bytes.truncate(cut);
+                }
+                bytes
+            })
+    }
+
     proptest! {
+        #[test]
+        fn the_zeroizing_parse_answers_as_parsing_into_a_value_did(bytes in body_text()) {
+            prop_assert_eq!(parsed(&bytes), parse_via_value(&bytes));
+        }
+
+        #[test]
+        fn the_zeroizing_parse_answers_as_parsing_into_a_value_did_on_valid_bodies(
+            values in prop::collection::vec(tricky_string(), 4),
+        ) {
+            let body = Value::Object(
+                FIELDS.iter().zip(values).map(|(k, v)| ((*k).to_owned(), Value::from(v))).collect(),
+            );
+            let bytes = body.to_string().into_bytes();
+            prop_assert_eq!(parsed(&bytes), parse_via_value(&bytes));
+        }
+
+        #[test]
+        fn a_json_object_is_written_as_serde_json_writes_it_into_a_buffer_of_its_size(
+            members in prop::collection::btree_map(tricky_string(), tricky_string(), 0..5),
+        ) {
+            let out = json_object(members.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            let expected = serde_json::to_vec(&members).unwrap();
+            prop_assert_eq!(out.as_slice(), expected.as_slice());
+            prop_assert_eq!(out.len(), out.capacity());
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let _ = CreateBody::parse(&CLIMATE_FIELD_VIEW, &bytes);

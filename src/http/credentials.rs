@@ -151,10 +151,14 @@ async fn create(
             .map(|(r, _)| r);
     };
     let keyring = &st.gateway.keyring;
-    let material = format!(
-        "idempotency|{}",
-        secrecy::ExposeSecret::expose_secret(&body.canonical)
-    );
+    let material = {
+        // Sized up front: `format!` would grow the string and free copies of the secrets.
+        let canonical = secrecy::ExposeSecret::expose_secret(&body.canonical);
+        let mut m = zeroize::Zeroizing::new(String::with_capacity(12 + canonical.len()));
+        m.push_str("idempotency|");
+        m.push_str(canonical);
+        m
+    };
     let (hash_key_id, hash) = keyring.keyed_hash(material.as_bytes());
     let path = req.path().to_owned();
     let begun = idempotency::begin(

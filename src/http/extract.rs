@@ -7,6 +7,7 @@ use actix_web::http::header;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use futures_util::StreamExt as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use zeroize::Zeroizing;
 
 use super::AppState;
 use crate::auth::Caller;
@@ -139,15 +140,51 @@ pub fn is_json(req: &HttpRequest) -> bool {
 }
 
 /// Read a JSON request body: 415 unless declared `application/json`, 413 past `max` bytes.
+/// A JSON request body that may hold secrets (a create): read into a buffer zeroized on drop.
 pub async fn read_json_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     max: usize,
-) -> Result<web::Bytes, ApiError> {
+) -> Result<Zeroizing<Vec<u8>>, ApiError> {
     if !is_json(req) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    read_body(req, &mut payload, max).await
+    let declared = declared_length(req, max)?;
+    let mut body = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(0)));
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::Validation("the request body could not be read".into()))?;
+        if body.len() + chunk.len() > max {
+            return Err(ApiError::PayloadTooLarge(max));
+        }
+        append_zeroizing(&mut body, &chunk);
+    }
+    Ok(body)
+}
+
+/// Append to a buffer of secrets. Past its capacity the bytes move to a larger buffer and the
+/// old one is zeroized (`Vec`'s own growth would free it as it is).
+pub fn append_zeroizing(buf: &mut Zeroizing<Vec<u8>>, bytes: &[u8]) {
+    let needed = buf.len() + bytes.len();
+    if needed > buf.capacity() {
+        let mut grown = Zeroizing::new(Vec::with_capacity(needed.max(2 * buf.capacity())));
+        grown.extend_from_slice(buf);
+        *buf = grown;
+    }
+    buf.extend_from_slice(bytes);
+}
+
+/// The Content-Length, when there is one (413 past `max`).
+fn declared_length(req: &HttpRequest, max: usize) -> Result<Option<usize>, ApiError> {
+    let len = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    match len {
+        Some(len) if len > max => Err(ApiError::PayloadTooLarge(max)),
+        len => Ok(len),
+    }
 }
 
 /// Read a request body of at most `max` bytes (413 past it).
@@ -156,15 +193,7 @@ pub async fn read_body(
     payload: &mut web::Payload,
     max: usize,
 ) -> Result<web::Bytes, ApiError> {
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        && len > max
-    {
-        return Err(ApiError::PayloadTooLarge(max));
-    }
+    declared_length(req, max)?;
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk =
@@ -175,4 +204,21 @@ pub async fn read_body(
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appending_past_the_capacity_keeps_every_byte_in_order() {
+        let mut buf = Zeroizing::new(Vec::with_capacity(3));
+        let mut expected = Vec::new();
+        for chunk in [&b"ab"[..], b"cdef", b"", b"ghijklmnopqrstuvwxyz", b"!"] {
+            append_zeroizing(&mut buf, chunk);
+            expected.extend_from_slice(chunk);
+            assert!(buf.capacity() >= buf.len());
+        }
+        assert_eq!(buf.as_slice(), expected.as_slice());
+    }
 }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
@@ -23,6 +24,7 @@ pub use breaker::Breaker;
 
 use crate::config::{LeafAuth, LeafSettings};
 use crate::domain::Provider;
+use crate::domain::credential::json_str_len;
 use crate::error::ApiError;
 use crate::store::events::Event;
 
@@ -448,6 +450,8 @@ impl LeafClient {
         body: Option<Zeroizing<Vec<u8>>>,
         request_id: &str,
     ) -> Result<Answer, LeafError> {
+        // One buffer for every attempt, zeroized when the last of them lets go of it.
+        let body = body.map(Bytes::from_owner);
         let permit = self
             .shared
             .breaker
@@ -473,7 +477,7 @@ impl LeafClient {
                     method.clone(),
                     path,
                     query,
-                    body.as_deref().map(|b| b.to_vec()),
+                    body.clone(),
                     token.as_ref(),
                     request_id,
                 )
@@ -533,7 +537,7 @@ impl LeafClient {
         method: Method,
         path: &str,
         query: &[(&str, String)],
-        body: Option<Vec<u8>>,
+        body: Option<Bytes>,
         token: Option<&SecretString>,
         request_id: &str,
     ) -> Result<Answer, LeafError> {
@@ -545,7 +549,6 @@ impl LeafClient {
         {
             return Err(LeafError::Unavailable(Unavailable::RateLimited(Some(1))));
         }
-        let body = body.map(Zeroizing::new);
         let mut req = self
             .http
             .request(method, self.url(path))
@@ -556,10 +559,8 @@ impl LeafClient {
         if let Some(t) = token {
             req = req.bearer_auth(t.expose_secret());
         }
-        if let Some(b) = &body {
-            req = req
-                .header("Content-Type", "application/json")
-                .body(b.to_vec());
+        if let Some(b) = body {
+            req = req.header("Content-Type", "application/json").body(b);
         }
         let mut resp = req.send().await.map_err(classify)?;
         let status = resp.status();
@@ -614,26 +615,39 @@ impl LeafClient {
         username: &str,
         password: &SecretString,
     ) -> Result<Token, LeafError> {
-        let body = Zeroizing::new(
-            serde_json::to_vec(&serde_json::json!({
-                "username": username,
-                "password": password.expose_secret(),
-                "rememberMe": true,
-            }))
-            .unwrap_or_default(),
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Authenticate<'a> {
+            username: &'a str,
+            password: &'a str,
+            remember_me: bool,
+        }
+        let password = password.expose_secret();
+        // Sized up front, so that no copy of the password is left by a growing buffer.
+        let size = r#"{"username":,"password":,"rememberMe":true}"#.len()
+            + json_str_len(username)
+            + json_str_len(password);
+        let mut body = Zeroizing::new(Vec::with_capacity(size));
+        let _ = serde_json::to_writer(
+            &mut *body,
+            &Authenticate {
+                username,
+                password,
+                remember_me: true,
+            },
         );
+        debug_assert_eq!(body.len(), size);
         let started = Instant::now();
         let answer = self
             .send(
                 Method::POST,
                 "/api/authenticate",
                 &[],
-                Some(body.to_vec()),
+                Some(Bytes::from_owner(body)),
                 None,
                 "credsync-auth",
             )
             .await;
-        drop(body);
         let outcome;
         let result = match answer {
             Err(e) => {
