@@ -167,13 +167,20 @@ impl ConnStash {
             Start::Kept(kept) => kept,
             Start::Slot => self.take_from_pool(SlotGuard(Some(self))).await?,
             Start::Queued(rx) => {
-                let mut queued = Queued { stash: self, rx };
-                match (&mut queued.rx).await {
-                    Ok(Handoff::Conn(kept)) => kept,
-                    Ok(Handoff::Slot) => self.take_from_pool(SlotGuard(Some(self))).await?,
-                    // Only `put` and `free_slot` take a waiter out, and they send.
-                    Err(_) => return Err(sqlx::Error::PoolClosed),
-                }
+                let queued = async {
+                    let mut queued = Queued { stash: self, rx };
+                    match (&mut queued.rx).await {
+                        Ok(Handoff::Conn(kept)) => Ok(kept),
+                        Ok(Handoff::Slot) => self.take_from_pool(SlotGuard(Some(self))).await,
+                        // Only `put` and `free_slot` take a waiter out, and they send.
+                        Err(_) => Err(sqlx::Error::PoolClosed),
+                    }
+                };
+                // As long as the pool would have let it wait: while Postgres is unreachable,
+                // each slot's attempt takes that long, and the queue must not add them up.
+                tokio::time::timeout(self.pool.options().get_acquire_timeout(), queued)
+                    .await
+                    .map_err(|_| sqlx::Error::PoolTimedOut)??
             }
         };
         Ok(Stashed {

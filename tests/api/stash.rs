@@ -2,7 +2,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use credsync::store::{ConnStash, pool};
+use credsync::store::{ConnStash, Stashed, pool};
 use secrecy::SecretString;
 use tokio::sync::oneshot;
 
@@ -14,12 +14,17 @@ async fn stash(pool_size: u32) -> (sqlx::PgPool, ConnStash) {
     (db.clone(), ConnStash::new(db, pool_size))
 }
 
-async fn backend_pid(stash: &ConnStash, keep: bool) -> i32 {
-    let mut read = stash.acquire().await.unwrap();
-    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+/// The Postgres backend serving this read's connection.
+async fn pid_of(read: &mut Stashed<'_>) -> i32 {
+    sqlx::query_scalar("select pg_backend_pid()")
         .fetch_one(read.conn())
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn backend_pid(stash: &ConnStash, keep: bool) -> i32 {
+    let mut read = stash.acquire().await.unwrap();
+    let pid = pid_of(&mut read).await;
     if keep {
         read.keep();
     }
@@ -73,11 +78,7 @@ fn queued_read(
     let stash = stash.clone();
     let task = tokio::spawn(async move {
         let mut read = stash.acquire().await.unwrap();
-        let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
-            .fetch_one(read.conn())
-            .await
-            .unwrap();
-        let _ = got_tx.send(pid);
+        let _ = got_tx.send(pid_of(&mut read).await);
         let _ = release_rx.await;
         read.keep();
     });
@@ -90,10 +91,7 @@ async fn a_connection_kept_while_reads_wait_goes_to_the_longest_waiting_one() {
     let stash = Arc::new(stash);
     // Both slots busy.
     let mut a = stash.acquire().await.unwrap();
-    let a_pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
-        .fetch_one(a.conn())
-        .await
-        .unwrap();
+    let a_pid = pid_of(&mut a).await;
     let b = stash.acquire().await.unwrap();
     let (first, mut first_got, release_first) = queued_read(&stash);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -132,14 +130,24 @@ async fn a_connection_kept_while_reads_wait_goes_to_the_longest_waiting_one() {
 }
 
 #[tokio::test]
+async fn a_queued_read_waits_no_longer_than_the_pool_would_have_let_it() {
+    let (db, stash) = stash(2).await;
+    let held = stash.acquire().await.unwrap();
+    let started = std::time::Instant::now();
+    let waited = stash.acquire().await;
+    assert!(matches!(waited, Err(sqlx::Error::PoolTimedOut)));
+    assert!(started.elapsed() >= db.options().get_acquire_timeout());
+    // Its place in the queue is given up: the slot still goes round.
+    drop(held);
+    drop(stash.acquire().await.unwrap());
+}
+
+#[tokio::test]
 async fn a_read_cancelled_after_a_connection_was_handed_to_it_passes_it_on() {
     let (_db, stash) = stash(2).await;
     let stash = Arc::new(stash);
     let mut a = stash.acquire().await.unwrap();
-    let a_pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
-        .fetch_one(a.conn())
-        .await
-        .unwrap();
+    let a_pid = pid_of(&mut a).await;
     let (queued, _got, _release) = queued_read(&stash);
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Handed over, then cancelled before it ran (one thread: nothing runs in between).
