@@ -283,12 +283,13 @@ impl<'de> serde::Deserialize<'de> for Member {
 pub fn json_object<'a>(
     members: impl Iterator<Item = (&'a str, &'a str)> + Clone,
 ) -> Zeroizing<Vec<u8>> {
-    let size = 2
-        + members
-            .clone()
-            .map(|(k, v)| json_str_len(k) + json_str_len(v) + 1)
-            .sum::<usize>()
-        + members.clone().count().saturating_sub(1);
+    // Each member brings its key, value, colon and the byte before it (`{` or `,`); then `}`.
+    // An empty object is `{}`.
+    let members_len: usize = members
+        .clone()
+        .map(|(k, v)| 1 + json_str_len(k) + 1 + json_str_len(v))
+        .sum();
+    let size = members_len.max(1) + 1;
     let mut out = Zeroizing::new(Vec::with_capacity(size));
     out.push(b'{');
     for (i, (k, v)) in members.enumerate() {
@@ -516,11 +517,11 @@ mod props {
         ]
     }
 
-    /// The parse this module had before reading values into zeroized buffers: through a
-    /// `serde_json::Value`. The reference the zeroizing parse must answer like.
     /// A parse's answer, comparable: the public fields, the secrets by name, the canonical JSON.
     type Parsed = Result<(Value, Vec<(String, String)>, String), String>;
 
+    /// The parse this module had before reading values into zeroized buffers: through a
+    /// `serde_json::Value`. The reference the zeroizing parse must answer like.
     fn parse_via_value(bytes: &[u8]) -> Parsed {
         let provider = &CLIMATE_FIELD_VIEW;
         let value: Value = serde_json::from_slice(bytes)

@@ -139,8 +139,8 @@ pub fn is_json(req: &HttpRequest) -> bool {
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
-/// Read a JSON request body: 415 unless declared `application/json`, 413 past `max` bytes.
-/// A JSON request body that may hold secrets (a create): read into a buffer zeroized on drop.
+/// Read a JSON request body that may hold secrets (a create) into a buffer zeroized on drop:
+/// 415 unless declared `application/json`, 413 past `max` bytes.
 pub async fn read_json_body(
     req: &HttpRequest,
     mut payload: web::Payload,
@@ -151,14 +151,10 @@ pub async fn read_json_body(
     }
     let declared = declared_length(req, max)?;
     let mut body = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(0)));
-    while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|_| ApiError::Validation("the request body could not be read".into()))?;
-        if body.len() + chunk.len() > max {
-            return Err(ApiError::PayloadTooLarge(max));
-        }
-        append_zeroizing(&mut body, &chunk);
-    }
+    read_chunks(&mut payload, max, |chunk| {
+        append_zeroizing(&mut body, chunk)
+    })
+    .await?;
     Ok(body)
 }
 
@@ -195,15 +191,27 @@ pub async fn read_body(
 ) -> Result<web::Bytes, ApiError> {
     declared_length(req, max)?;
     let mut body = web::BytesMut::new();
+    read_chunks(payload, max, |chunk| body.extend_from_slice(chunk)).await?;
+    Ok(body.freeze())
+}
+
+/// Hand a body's chunks to `append` in order; 413 once they add up past `max` bytes.
+async fn read_chunks(
+    payload: &mut web::Payload,
+    max: usize,
+    mut append: impl FnMut(&[u8]),
+) -> Result<(), ApiError> {
+    let mut read = 0;
     while let Some(chunk) = payload.next().await {
         let chunk =
             chunk.map_err(|_| ApiError::Validation("the request body could not be read".into()))?;
-        if body.len() + chunk.len() > max {
+        read += chunk.len();
+        if read > max {
             return Err(ApiError::PayloadTooLarge(max));
         }
-        body.extend_from_slice(&chunk);
+        append(&chunk);
     }
-    Ok(body.freeze())
+    Ok(())
 }
 
 #[cfg(test)]
