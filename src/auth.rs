@@ -105,6 +105,10 @@ struct Claims {
     /// Required by the validation; read again to know how long the token stays valid.
     #[serde(default)]
     exp: Option<i64>,
+    /// Checked by the validation when an issuer is configured, which also takes a list of
+    /// issuers; RFC 7519 §4.1.1 makes `iss` one string, so a list is refused here.
+    #[serde(default)]
+    iss: Option<serde_json::Value>,
 }
 
 fn scope_strings(v: &serde_json::Value, out: &mut Vec<String>) {
@@ -233,6 +237,10 @@ impl Verifier {
         let claims = match header.alg {
             Algorithm::HS256 => {
                 let key = self.hs256.as_ref().ok_or("HS256 tokens are not accepted")?;
+                // The shared secret has no key id: a token naming one names a key we do not hold.
+                if header.kid.is_some() {
+                    return Err("unknown key id");
+                }
                 self.decode(token, key, Algorithm::HS256)?
             }
             Algorithm::RS256 | Algorithm::ES256 => {
@@ -276,6 +284,9 @@ impl Verifier {
             }
             _ => return Err("unsupported algorithm"),
         };
+        if self.issuer.is_some() && !matches!(claims.iss, Some(serde_json::Value::String(_))) {
+            return Err("wrong issuer");
+        }
         // The subject is stored (audit, idempotency): printable text of sane length only.
         let sub = claims
             .sub
@@ -815,6 +826,36 @@ mod props {
             h.kid = Some("r1".into());
             let t = jsonwebtoken::encode(&h, &claims_v, &key).expect("sign");
             prop_assert!(fixture().verifier.verify(&t).is_err());
+        }
+    }
+
+    #[test]
+    fn an_hs256_token_naming_a_key_id_is_refused() {
+        let key = EncodingKey::from_secret(SECRET.as_bytes()).expect("hs");
+        let sign = |kid: Option<&str>| {
+            let mut h = Header::new(Algorithm::HS256);
+            h.kid = kid.map(str::to_owned);
+            jsonwebtoken::encode(&h, &claims("svc", "status:read"), &key).expect("sign")
+        };
+        let v = &fixture().verifier;
+        assert_eq!(v.verify(&sign(None)).expect("no kid").sub, "svc");
+        // An id nobody configured, and the id of the RSA key (the shared secret has none).
+        assert_eq!(v.verify(&sign(Some("zzz"))).unwrap_err(), "unknown key id");
+        assert_eq!(v.verify(&sign(Some("r1"))).unwrap_err(), "unknown key id");
+    }
+
+    #[test]
+    fn an_issuer_given_as_a_list_is_refused() {
+        let key = EncodingKey::from_secret(SECRET.as_bytes()).expect("hs");
+        let v = &fixture().verifier;
+        let with_iss = |iss: serde_json::Value| {
+            let mut c = claims("svc", "status:read");
+            c["iss"] = iss;
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, &key).expect("sign")
+        };
+        assert!(v.verify(&with_iss(serde_json::json!("iss-1"))).is_ok());
+        for iss in [serde_json::json!(["iss-1"]), serde_json::json!(["iss-1", "other"])] {
+            assert_eq!(v.verify(&with_iss(iss)).unwrap_err(), "wrong issuer");
         }
     }
 
