@@ -854,7 +854,10 @@ mod props {
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, &key).expect("sign")
         };
         assert!(v.verify(&with_iss(serde_json::json!("iss-1"))).is_ok());
-        for iss in [serde_json::json!(["iss-1"]), serde_json::json!(["iss-1", "other"])] {
+        for iss in [
+            serde_json::json!(["iss-1"]),
+            serde_json::json!(["iss-1", "other"]),
+        ] {
             assert_eq!(v.verify(&with_iss(iss)).unwrap_err(), "wrong issuer");
         }
     }
