@@ -344,6 +344,11 @@ impl LeafClient {
             )
             .await
         {
+            // Leaf answers 204 with an empty body: a body that is not even JSON is not Leaf's
+            // answer (a proxy's error page, a broken gateway), so the delete is not known done.
+            Ok(a) if !is_empty_or_json(&a.body) => {
+                Err(LeafError::Unavailable(Unavailable::Garbage))
+            }
             Ok(_) => Ok(true),
             Err(LeafError::Rejected { status: 404, .. }) => Ok(false),
             Err(e) => Err(e),
@@ -720,6 +725,12 @@ fn total_count(headers: &reqwest::header::HeaderMap) -> Option<i64> {
         .get("X-Total-Count")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether a body is empty (whitespace only) or one JSON value.
+fn is_empty_or_json(body: &[u8]) -> bool {
+    body.iter().all(u8::is_ascii_whitespace)
+        || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
 }
 
 fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, LeafError> {

@@ -556,6 +556,55 @@ async fn writes_are_queued_with_202_when_leaf_is_down() {
     assert!(p["detail"].as_str().unwrap().contains("delete"));
 }
 
+/// SPEC §4: "a body that is not what Leaf sends" is Leaf unavailable, for a DELETE too (Leaf
+/// answers 204 with no body): the delete is queued, not counted as done.
+#[tokio::test]
+async fn a_delete_answered_with_a_body_that_is_not_json_is_queued() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    assert_eq!(
+        app.create(user, &body("cid", "garbage-del0"))
+            .await
+            .status(),
+        201
+    );
+    app.fault(json!({"garbage": true, "method": "DELETE", "remaining": 1}))
+        .await;
+    let r = app.delete(user, "credentials:delete").await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"syncState": "DELETE_PENDING"})
+    );
+    assert!(app.leaf_state(user).await.is_some(), "Leaf still holds it");
+    assert_eq!(
+        app.count_for(
+            "select count(*) from outbox where leaf_user_id = $1 and op = 'delete'",
+            user
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        app.count_for(
+            "select count(*) from credential where leaf_user_id = $1 and sync_state = 'DELETE_PENDING' and secrets is null",
+            user
+        )
+        .await,
+        1
+    );
+    // An empty 204 (and a JSON body) is a delete done.
+    let other = Uuid::new_v4();
+    assert_eq!(
+        app.create(other, &body("cid", "garbage-del1"))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(app.delete(other, "credentials:delete").await.status(), 204);
+    assert!(app.leaf_state(other).await.is_none());
+}
+
 #[tokio::test]
 async fn idempotency_key_replays_the_first_answer() {
     let app = spawn_app().await;
