@@ -216,7 +216,8 @@ impl LeafCredential {
 
     /// Leaf's answer parsed straight from its body, as [`LeafCredential::parse`] reads the same
     /// body parsed into a map (a property test holds the two equal), without building that
-    /// map first. `None` when the body is not one JSON object.
+    /// map first. `None` when the body is not one JSON object that
+    /// [`crate::leaf::is_credential_answer`].
     pub fn from_body(provider: &Provider, body: &[u8]) -> Option<LeafCredential> {
         let mut de = serde_json::Deserializer::from_slice(body);
         let out = serde::de::DeserializeSeed::deserialize(AnswerSeed(provider), &mut de).ok()?;
@@ -272,9 +273,22 @@ impl<'de> serde::de::Visitor<'de> for AnswerSeed<'_> {
         mut map: A,
     ) -> Result<LeafCredential, A::Error> {
         let mut out = LeafCredential::empty();
+        let mut fields = 0;
+        let mut status_ok = true;
         while let Some(AnswerKey(key)) = map.next_key()? {
             let v: Value = map.next_value()?;
+            // Judged as the map would be: only whether there are members counts, and a repeated
+            // `status` by its last value.
+            fields += 1;
+            if key == "status" {
+                status_ok = crate::leaf::is_credential_answer(1, Some(&v));
+            }
             out.take(self.0, key, v);
+        }
+        if !status_ok || !crate::leaf::is_credential_answer(fields, None) {
+            return Err(serde::de::Error::custom(
+                "not Leaf's answer about a credential",
+            ));
         }
         Ok(out)
     }
@@ -1214,6 +1228,21 @@ mod tests {
             && secrets(a) == secrets(b)
     }
 
+    #[test]
+    fn an_empty_object_or_a_status_that_is_not_text_is_not_leafs_answer() {
+        let parse = |b: &str| LeafCredential::from_body(&CLIMATE_FIELD_VIEW, b.as_bytes());
+        for refused in [r#"{}"#, r#"{"status":5}"#, r#"{"id":"x","status":{"a":1}}"#] {
+            assert!(parse(refused).is_none(), "{refused}");
+        }
+        let c = parse(r#"{"status":null,"clientId":"c"}"#).expect("null status");
+        assert_eq!(c.status, None);
+        assert_eq!(c.public["clientId"], "c");
+        // The older page's answer: no id, other field names.
+        let c = parse(r#"{"clientKey":"k","status":"OK"}"#).expect("the older page's shape");
+        assert_eq!(c.status.as_deref(), Some("OK"));
+        assert_eq!(c.id, None);
+    }
+
     proptest! {
         #[test]
         fn an_answer_parsed_from_its_body_is_the_answer_parsed_from_its_map(
@@ -1228,13 +1257,21 @@ mod tests {
                     .join(",")
             );
             let map: Map<String, Value> = serde_json::from_str(&body).unwrap();
+            let credential = crate::leaf::is_credential_answer(map.len(), map.get("status"));
             let expected = LeafCredential::parse(&CLIMATE_FIELD_VIEW, map);
-            let direct = LeafCredential::from_body(&CLIMATE_FIELD_VIEW, body.as_bytes()).unwrap();
-            prop_assert!(same(&direct, &expected), "{}", body);
+            let direct = LeafCredential::from_body(&CLIMATE_FIELD_VIEW, body.as_bytes());
+            prop_assert_eq!(direct.is_some(), credential, "{}", body);
+            if let Some(direct) = direct {
+                prop_assert!(same(&direct, &expected), "{}", body);
+            }
         }
 
         #[test]
-        fn a_body_that_is_not_one_object_is_refused(body in prop_oneof![
+        fn a_body_that_is_not_one_credential_object_is_refused(body in prop_oneof![
+            Just("{}".to_owned()),
+            Just("{\"status\":5}".to_owned()),
+            Just("{\"status\":5,\"status\":\"OK\"}".to_owned()),
+            Just("{\"status\":\"OK\",\"status\":[]}".to_owned()),
             Just("[]".to_owned()),
             Just("null".to_owned()),
             Just("\"id\"".to_owned()),
@@ -1242,8 +1279,9 @@ mod tests {
             Just("{\"id\":".to_owned()),
             any::<String>(),
         ]) {
-            let as_map = serde_json::from_str::<Map<String, Value>>(&body).is_ok();
-            prop_assert_eq!(LeafCredential::from_body(&CLIMATE_FIELD_VIEW, body.as_bytes()).is_some(), as_map);
+            let as_credential = serde_json::from_str::<Map<String, Value>>(&body)
+                .is_ok_and(|m| crate::leaf::is_credential_answer(m.len(), m.get("status")));
+            prop_assert_eq!(LeafCredential::from_body(&CLIMATE_FIELD_VIEW, body.as_bytes()).is_some(), as_credential);
         }
     }
 }

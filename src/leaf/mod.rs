@@ -280,7 +280,7 @@ impl LeafClient {
         request_id: &str,
     ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, LeafError> {
         match self.get_credential_body(provider, user, request_id).await? {
-            Some(body) => parse_object(&body).map(Some),
+            Some(body) => parse_credential(&body).map(Some),
             None => Ok(None),
         }
     }
@@ -322,7 +322,7 @@ impl LeafClient {
                 request_id,
             )
             .await?;
-        parse_object(&a.body)
+        parse_credential(&a.body)
     }
 
     /// DELETE the credential; `Ok(false)` when Leaf answers 404.
@@ -740,6 +740,27 @@ fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value
     }
 }
 
+/// Leaf's answer about a credential (GET, POST): one JSON object that
+/// [`is_credential_answer`].
+fn parse_credential(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, LeafError> {
+    let m = parse_object(body)?;
+    if is_credential_answer(m.len(), m.get("status")) {
+        Ok(m)
+    } else {
+        Err(LeafError::Unavailable(Unavailable::Garbage))
+    }
+}
+
+/// Whether an object of `fields` members whose `status` member is `status` can be Leaf's
+/// answer about a credential: at least one member, and a `status` that is a string or null when
+/// there is one. `{}` or `"status": 5` is "a body that is not what Leaf sends" (SPEC §4); every
+/// other member is taken as data (the two pages of Leaf's docs disagree on the fields).
+pub fn is_credential_answer(fields: usize, status: Option<&serde_json::Value>) -> bool {
+    fields > 0
+        && status
+            .is_none_or(|s| matches!(s, serde_json::Value::String(_) | serde_json::Value::Null))
+}
+
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawEvent {
@@ -871,6 +892,35 @@ mod tests {
         assert_eq!(ev[1].id, "2");
         assert_eq!(ev[1].headers, "");
         assert!(parse_events(b"<html>").is_err());
+    }
+
+    #[test]
+    fn a_credential_answer_is_an_object_with_members_and_a_text_status() {
+        let garbage = Err(LeafError::Unavailable(Unavailable::Garbage));
+        for body in [&b"{}"[..], br#"{"status":5}"#, b"[]", b"<html>"] {
+            assert_eq!(
+                parse_credential(body),
+                garbage,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(parse_credential(br#"{"status":null}"#).is_ok());
+        assert!(parse_credential(br#"{"id":"i","status":"OK"}"#).is_ok());
+    }
+
+    #[test]
+    fn a_delete_answer_is_empty_or_json() {
+        for ok in [&b""[..], b" \r\n", b"{}", br#"{"deleted":true}"#, b"null"] {
+            assert!(is_empty_or_json(ok), "{}", String::from_utf8_lossy(ok));
+        }
+        for garbage in [&b"<html>oops"[..], b"{", b"ok"] {
+            assert!(
+                !is_empty_or_json(garbage),
+                "{}",
+                String::from_utf8_lossy(garbage)
+            );
+        }
     }
 
     #[test]
