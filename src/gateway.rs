@@ -381,6 +381,29 @@ impl Gateway {
         Ok(credential_view(provider, row, secrets.as_ref(), reveal))
     }
 
+    /// The caller's error for Leaf's answer `e` about a credential whose stored secrets are
+    /// `sealed`: Leaf's own text (a 400/404/409/422 passed on) with every one of them masked, as
+    /// a create's are (SPEC §4: error bodies never echo secret values). Only opened for that.
+    fn refusal(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        sealed: Option<&crate::crypto::Sealed>,
+        e: LeafError,
+    ) -> ApiError {
+        let opened = match (&e, sealed) {
+            (LeafError::Rejected { .. }, Some(sealed)) => {
+                self.keyring.open(binding(&user, provider), sealed).ok()
+            }
+            _ => None,
+        };
+        let secrets: Vec<&str> = opened
+            .iter()
+            .flat_map(|o| o.0.values().map(|v| v.expose_secret()))
+            .collect();
+        e.into_api_error(&secrets)
+    }
+
     /// Merge Leaf's echoed secrets over the stored ones; `None` when nothing changed.
     fn reseal(
         &self,
@@ -855,7 +878,10 @@ impl Gateway {
                 Some(row) => Ok((row, Source::Cache, None)),
                 None => Err(e.into_api_error(&[])),
             },
-            Err(e) => Err(e.into_api_error(&[])),
+            Err(e) => {
+                let sealed = local.as_ref().and_then(CredentialRow::sealed);
+                Err(self.refusal(provider, user, sealed.as_ref(), e))
+            }
         }
     }
 
@@ -958,7 +984,10 @@ impl Gateway {
                 Err(ApiError::NotFound("no credential for this user".into()))
             }
             Err(e) if e.is_unavailable() && local.is_some() => from_cache().await,
-            Err(e) => Err(e.into_api_error(&[])),
+            Err(e) => {
+                let sealed = local.as_ref().and_then(CredentialRow::sealed);
+                Err(self.refusal(provider, user, sealed.as_ref(), e))
+            }
         }
     }
 
@@ -1028,7 +1057,8 @@ impl Gateway {
                 if before.is_some() {
                     creds::purge(&self.db, user, provider.name).await?;
                 }
-                let err = e.into_api_error(&[]);
+                let sealed = before.and_then(|(_, sealed)| sealed);
+                let err = self.refusal(provider, user, sealed.as_ref(), e);
                 self.audit(
                     actor,
                     "credential.delete",

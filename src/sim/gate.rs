@@ -91,8 +91,8 @@ pub(crate) async fn gate(
             let res = Problem::new(StatusCode::GATEWAY_TIMEOUT, "Simulated hang").render(&path);
             Ok(req.into_response(res))
         }
-        FaultAction::Status(status, retry_after) => {
-            let mut p = Problem::new(status, "Simulated fault");
+        FaultAction::Status(status, retry_after, detail) => {
+            let mut p = Problem::new(status, detail.unwrap_or_else(|| "Simulated fault".into()));
             p.retry_after = retry_after;
             Ok(req.into_response(p.render(&path)))
         }

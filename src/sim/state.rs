@@ -252,6 +252,9 @@ pub(crate) struct Fault {
     pub error_status: u16,
     pub fixed_status: Option<u16>,
     pub retry_after_secs: Option<u64>,
+    /// The `detail` of the problem body a faulted status carries (default "Simulated fault"),
+    /// e.g. a Leaf refusal that quotes the credential.
+    pub detail: Option<String>,
     pub hang: bool,
     pub garbage: bool,
     pub path_contains: Option<String>,
@@ -268,6 +271,7 @@ impl Default for Fault {
             error_status: 500,
             fixed_status: None,
             retry_after_secs: None,
+            detail: None,
             hang: false,
             garbage: false,
             path_contains: None,
@@ -283,7 +287,8 @@ impl Default for Fault {
 pub(crate) enum FaultAction {
     Pass,
     Hang,
-    Status(StatusCode, Option<u64>),
+    /// A status, its `Retry-After` seconds and its problem detail.
+    Status(StatusCode, Option<u64>, Option<String>),
     Garbage,
 }
 
@@ -334,9 +339,13 @@ impl Fault {
         let action = if self.hang {
             FaultAction::Hang
         } else if let Some(s) = self.fixed_status {
-            FaultAction::Status(status(s), self.retry_after_secs)
+            FaultAction::Status(status(s), self.retry_after_secs, self.detail.clone())
         } else if self.error_rate > 0.0 && rand::random::<f64>() < self.error_rate {
-            FaultAction::Status(status(self.error_status), self.retry_after_secs)
+            FaultAction::Status(
+                status(self.error_status),
+                self.retry_after_secs,
+                self.detail.clone(),
+            )
         } else if self.garbage {
             FaultAction::Garbage
         } else {

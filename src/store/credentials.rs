@@ -903,7 +903,8 @@ pub async fn reject(
 }
 
 /// Start a delete: crypto-shred the local secret at once and queue the upstream delete, in one
-/// transaction. Returns the state the credential had (`None` when nothing was stored).
+/// transaction. Returns the state the credential had (`None` when nothing was stored) and the
+/// sealed secrets it held until now (only ever opened to mask them in Leaf's refusal).
 pub async fn begin_delete(
     pool: &PgPool,
     user: Uuid,
@@ -911,19 +912,35 @@ pub async fn begin_delete(
     actor: &str,
     request_id: &str,
     grace: std::time::Duration,
-) -> Result<Option<SyncState>, sqlx::Error> {
+) -> Result<Option<(SyncState, Option<Sealed>)>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let existing: Option<String> = sqlx::query_scalar(
-        "select sync_state from credential where leaf_user_id = $1 and provider = $2 for update",
+    #[derive(sqlx::FromRow)]
+    struct Held {
+        sync_state: String,
+        key_id: Option<String>,
+        wrapped_key: Option<Vec<u8>>,
+        secrets: Option<Vec<u8>>,
+    }
+    let existing: Option<Held> = sqlx::query_as(
+        "select sync_state, key_id, wrapped_key, secrets from credential
+         where leaf_user_id = $1 and provider = $2 for update",
     )
     .bind(user)
     .bind(provider)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(state) = existing else {
+    let Some(held) = existing else {
         return Ok(None);
     };
-    let state = SyncState::parse(&state).unwrap_or(SyncState::Synced);
+    let state = SyncState::parse(&held.sync_state).unwrap_or(SyncState::Synced);
+    let sealed = match (held.key_id, held.wrapped_key, held.secrets) {
+        (Some(key_id), Some(wrapped_key), Some(secrets)) => Some(Sealed {
+            key_id,
+            wrapped_key,
+            secrets,
+        }),
+        _ => None,
+    };
     sqlx::query(
         "update credential set sync_state = 'DELETE_PENDING', key_id = null, wrapped_key = null, secrets = null
          where leaf_user_id = $1 and provider = $2",
@@ -949,7 +966,7 @@ pub async fn begin_delete(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Some(state))
+    Ok(Some((state, sealed)))
 }
 
 /// Record a delete Leaf has not taken yet for a credential credsync did not hold.

@@ -154,3 +154,51 @@ async fn a_ciphertext_moved_onto_another_users_row_does_not_decrypt() {
     let r = app.get(alice, "credentials:reveal").await;
     assert_eq!(r.status(), 200, "Alice's own row still opens");
 }
+
+/// Leaf's refusals are passed on (SPEC §4) with the secrets credsync holds for the user masked,
+/// on reads and deletes as on a create: Leaf may quote the credential it refuses.
+#[tokio::test]
+async fn leafs_refusal_quoting_a_stored_secret_is_passed_on_masked() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    let suffix = "quoted000000";
+    assert_eq!(app.create(user, &body("cid", suffix)).await.status(), 201);
+    let secrets = [
+        format!("client-secret-{suffix}"),
+        format!("api-key-{suffix}"),
+        format!("refresh-token-{suffix}"),
+    ];
+    let quote = format!(
+        "refused: secret {} key {} token {}",
+        secrets[0], secrets[1], secrets[2]
+    );
+    let base = app.cred_url(user);
+    for (method, path, scope) in [
+        ("GET", base.clone(), "credentials:read"),
+        ("GET", format!("{base}/status"), "status:read"),
+        ("GET", format!("{base}/events"), "status:read"),
+        ("DELETE", base.clone(), "credentials:delete"),
+    ] {
+        app.fault(json!({"fixedStatus": 422, "detail": quote, "method": method, "remaining": 1}))
+            .await;
+        let r = app
+            .client
+            .request(method.parse().unwrap(), &path)
+            .bearer_auth(token(scope))
+            .send()
+            .await
+            .unwrap();
+        let problem = assert_problem(r, 422, "upstream-rejected").await;
+        let detail = problem["detail"].as_str().unwrap();
+        assert_eq!(
+            detail, "refused: secret **** key **** token ****",
+            "{method} {path}"
+        );
+    }
+    // The failed delete's audit entry carries the masked text too, and no table holds a secret.
+    let dump = app.dump_all_tables().await;
+    assert!(dump.contains("refused: secret **** key **** token ****"));
+    for s in &secrets {
+        assert!(!dump.contains(s.as_str()), "{s} is stored in clear");
+    }
+}
