@@ -41,11 +41,15 @@ pub enum Command {
     LeafSim(LeafSimArgs),
     /// One sync pass, then exit with a summary.
     Sync(SyncArgs),
-    /// Exit 0 when URL answers 2xx (container health checks).
+    /// Exit 0 when URL answers 2xx, or with --database when Postgres answers with every
+    /// migration applied (container health checks; a `--sync-only` worker serves no HTTP).
     #[command(hide = true)]
     Healthcheck {
         #[arg(long, default_value = "http://127.0.0.1:8080/readyz")]
         url: String,
+        /// Check DATABASE_URL instead of a URL.
+        #[arg(long, conflicts_with = "url")]
+        database: bool,
     },
 }
 
@@ -177,7 +181,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        Command::Healthcheck { url } => runtime()?.block_on(async move {
+        Command::Healthcheck { database: true, .. } => {
+            let url = config::database_url(&source)?;
+            runtime()?.block_on(async move {
+                let pool = crate::store::pool(&url, 1)?;
+                let applied = tokio::time::timeout(
+                    std::time::Duration::from_secs(3),
+                    crate::store::migrations_applied(&pool),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("Postgres did not answer within 3 s"))??;
+                anyhow::ensure!(applied, "Postgres answers, but migrations are pending");
+                Ok(())
+            })
+        }
+        Command::Healthcheck { url, .. } => runtime()?.block_on(async move {
             let resp = reqwest::Client::new()
                 .get(&url)
                 .timeout(std::time::Duration::from_secs(3))

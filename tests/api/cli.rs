@@ -121,3 +121,40 @@ fn token_mint_makes_a_token_the_service_accepts() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "no secret configured");
 }
+
+/// The worker's container health check (a `--sync-only` worker serves no HTTP): Postgres
+/// answers and every migration is applied.
+#[tokio::test]
+async fn healthcheck_database_needs_postgres_and_every_migration() {
+    let url = crate::db::fresh_database_url().await;
+    let check = |url: &str| {
+        credsync()
+            .args(["healthcheck", "--database"])
+            .env("DATABASE_URL", url)
+            .output()
+            .unwrap()
+    };
+    let out = check(&url);
+    assert!(!out.status.success(), "an empty database passed");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("migrations are pending"));
+    let out = credsync()
+        .arg("migrate")
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = check(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nobody listens on port 1.
+    let out = check("postgres://credsync:pw-hunter2@127.0.0.1:1/credsync");
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("hunter2"));
+}
