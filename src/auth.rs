@@ -287,10 +287,9 @@ impl Verifier {
         if self.issuer.is_some() && !matches!(claims.iss, Some(serde_json::Value::String(_))) {
             return Err("wrong issuer");
         }
-        // The subject is stored (audit, idempotency): printable text of sane length only.
         let sub = claims
             .sub
-            .filter(|s| !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control))
+            .filter(|s| usable_sub(s))
             .ok_or("missing or unusable sub")?;
         let mut scopes = Vec::new();
         for v in [&claims.scope, &claims.scp, &claims.scopes]
@@ -454,6 +453,12 @@ fn pem_blocks(text: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// Whether a JWT `sub` is accepted. The subject is stored (audit, idempotency): printable
+/// text of 1 to 256 bytes only.
+pub fn usable_sub(sub: &str) -> bool {
+    !sub.is_empty() && sub.len() <= 256 && !sub.chars().any(char::is_control)
 }
 
 /// Mint an HS256 caller token (`credsync token mint`, tests).

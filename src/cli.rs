@@ -164,6 +164,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token(TokenCommand::Mint { sub, scope, ttl }) => {
+            if !crate::auth::usable_sub(&sub) {
+                return Err(ConfigError::new(
+                    "--sub",
+                    "must be 1 to 256 bytes of printable text (the service refuses any other)",
+                )
+                .into());
+            }
             let jwt = config::jwt_settings(&source)?;
             let secret = jwt.hs256_secret.ok_or_else(|| {
                 ConfigError::new("CREDSYNC_JWT_HS256_SECRET", "is required to mint tokens")

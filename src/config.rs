@@ -263,6 +263,15 @@ pub fn database_url(src: &Source) -> Result<SecretString, ConfigError> {
             "must be a postgres:// or postgresql:// URL",
         ));
     }
+    // The whole URL is checked here (port, options...), so that a malformed one is a
+    // configuration error (exit 2) rather than a failure of whatever uses it first. The parser's
+    // message is not shown: it may quote the URL, password included.
+    if url.parse::<sqlx::postgres::PgConnectOptions>().is_err() {
+        return Err(ConfigError::new(
+            "DATABASE_URL",
+            "is not a valid postgres URL (check the host, port and options)",
+        ));
+    }
     Ok(SecretString::from(url))
 }
 

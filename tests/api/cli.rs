@@ -158,3 +158,48 @@ async fn healthcheck_database_needs_postgres_and_every_migration() {
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("hunter2"));
 }
+
+#[test]
+fn a_malformed_database_url_exits_2_naming_it_without_the_password() {
+    for url in [
+        "postgres://u:pw-hunter2@127.0.0.1:notaport/db",
+        "postgres://u:pw-hunter2@127.0.0.1:99999/db",
+        "postgres://u:pw-hunter2@127.0.0.1/db?sslmode=bogus",
+    ] {
+        for command in [
+            &["serve"][..],
+            &["migrate"],
+            &["keys", "rotate"],
+            &["sync", "--once"],
+        ] {
+            let out = credsync()
+                .args(command)
+                .env("DATABASE_URL", url)
+                .env("CREDSYNC_JWT_HS256_SECRET", "super-secret-jwt-value-123")
+                .env(
+                    "CREDSYNC_ENCRYPTION_KEYS",
+                    "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                )
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command:?} {url}: {err}");
+            assert!(err.contains("DATABASE_URL"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn token_mint_refuses_a_sub_the_service_would_refuse() {
+    for sub in ["", "line\nbreak", &"x".repeat(257)] {
+        let out = credsync()
+            .args(["token", "mint", "--sub", sub, "--scope", "status:read"])
+            .env("CREDSYNC_JWT_HS256_SECRET", "super-secret-jwt-value-123")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{sub:?}");
+        assert!(out.stdout.is_empty());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--sub"));
+    }
+}
