@@ -157,7 +157,9 @@ impl Application {
         }
         let keys = check_keys(&db, &settings.keyring).await?;
         if keys == KeyCheck::Deferred {
-            tracing::warn!("database unreachable at start-up: the key check runs once it answers");
+            tracing::warn!(
+                "database unreachable or not migrated at start-up: the key check runs once it answers with the schema"
+            );
         }
         let leaf = Arc::new(LeafClient::new(&settings.leaf)?);
         let touches = Arc::new(crate::gateway::Touches::default());
@@ -305,8 +307,14 @@ async fn migrate_with_retry(db: &sqlx::PgPool) -> anyhow::Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeyCheck {
     Passed,
-    /// Postgres did not answer: the check is still to be done.
+    /// Postgres did not answer, or has no schema yet: the check is still to be done.
     Deferred,
+}
+
+/// A table the query needs does not exist: the schema is not migrated yet (`serve --no-migrate`
+/// before `credsync migrate`), which `/readyz` reports until it is.
+fn is_undefined_table(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01"))
 }
 
 /// Every key id referenced by stored data must be configured, with the same key material.
@@ -317,7 +325,9 @@ async fn check_keys(db: &sqlx::PgPool, keyring: &Keyring) -> anyhow::Result<KeyC
         .collect();
     let (missing, mismatched) = match store::credentials::register_keys(db, &keys).await {
         Ok(r) => r,
-        Err(e) if store::is_unavailable(&e) => return Ok(KeyCheck::Deferred),
+        Err(e) if store::is_unavailable(&e) || is_undefined_table(&e) => {
+            return Ok(KeyCheck::Deferred);
+        }
         Err(e) => return Err(e.into()),
     };
     if !mismatched.is_empty() {

@@ -243,3 +243,42 @@ async fn oversized_headers_are_refused() {
     };
     assert!(status == 0 || status == 400 || status == 431, "{status}");
 }
+
+/// `serve --no-migrate` on a database nobody migrated yet: the service starts, `/readyz` says
+/// the migrations are pending (503), and turns 200 once `credsync migrate` (here, the same
+/// migrator) has run, without a restart.
+#[tokio::test]
+async fn no_migrate_on_an_empty_database_serves_and_is_ready_once_migrated() {
+    let app = spawn_app_with(AppOptions {
+        run: credsync::app::RunOptions {
+            http: true,
+            sync: false,
+            migrate: false,
+        },
+        ..Default::default()
+    })
+    .await;
+    let readyz = || async {
+        let r = app
+            .client
+            .get(format!("{}/readyz", app.address))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let (status, ready) = readyz().await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["migrations"], "pending", "{ready}");
+    credsync::store::migrate(&app.db).await.unwrap();
+    wait_until("/readyz to answer 200", Duration::from_secs(20), || async {
+        readyz().await.0 == 200
+    })
+    .await;
+    assert_eq!(
+        app.create(Uuid::new_v4(), &body("cid", "late-migr000"))
+            .await
+            .status(),
+        201
+    );
+}
