@@ -35,6 +35,20 @@ pub fn parse_strict(s: &str) -> Option<OffsetDateTime> {
         .and_then(utc_in_range)
 }
 
+/// A caller's bound on stored timestamps (`since`, `until`, `changedSince`), moved up to the next
+/// whole microsecond when it has nanoseconds past one. Postgres keeps microseconds and would cut
+/// the bound down instead: `since` would then take a row from before it, and `until` drop one
+/// from before it. Against microsecond values, `>= t` and `< t` mean `>= ceil(t)` and
+/// `< ceil(t)`.
+pub fn bound_to_micros(t: OffsetDateTime) -> OffsetDateTime {
+    let past = t.nanosecond() % 1_000;
+    if past == 0 {
+        return t;
+    }
+    t.checked_add(time::Duration::nanoseconds(i64::from(1_000 - past)))
+        .unwrap_or(t)
+}
+
 /// The canonical form: RFC 3339, UTC, microseconds. (A page of the `/v1` lists formats
 /// hundreds of these: digits written into a fixed buffer cost a fraction of `fmt`.)
 pub fn format(t: OffsetDateTime) -> String {
@@ -140,6 +154,26 @@ mod tests {
         assert_eq!(format(d), "2026-01-02T03:04:05.000000Z");
         assert!(parse_lenient("yesterday").is_none());
         assert!(parse_strict("2026-01-02T03:04:05").is_none());
+    }
+
+    #[test]
+    fn a_bound_finer_than_a_microsecond_moves_up_to_the_next_one() {
+        let t = |s| parse_strict(s).unwrap();
+        for (given, bound) in [
+            (
+                "2026-11-01T09:00:00.0000001Z",
+                "2026-11-01T09:00:00.000001Z",
+            ),
+            (
+                "2026-11-01T09:00:00.000000999Z",
+                "2026-11-01T09:00:00.000001Z",
+            ),
+            ("2026-11-01T09:00:00.999999001Z", "2026-11-01T09:00:01Z"),
+            ("2026-11-01T09:00:00.000002Z", "2026-11-01T09:00:00.000002Z"),
+            ("2026-11-01T09:00:00Z", "2026-11-01T09:00:00Z"),
+        ] {
+            assert_eq!(bound_to_micros(t(given)), t(bound), "{given}");
+        }
     }
 }
 

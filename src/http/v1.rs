@@ -129,10 +129,12 @@ impl Params {
         }
     }
 
+    /// A timestamp parameter: every one is a bound on stored microsecond values
+    /// ([`timefmt::bound_to_micros`]).
     fn timestamp(&self, name: &str) -> Result<Option<OffsetDateTime>, ApiError> {
         self.get(name)?
             .map(|v| {
-                timefmt::parse_strict(v).ok_or_else(|| {
+                timefmt::parse_strict(v).map(timefmt::bound_to_micros).ok_or_else(|| {
                     ApiError::Validation(format!(
                         "{name}: must be an RFC 3339 timestamp with an offset, e.g. 2026-01-02T03:04:05Z"
                     ))

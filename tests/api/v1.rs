@@ -829,6 +829,18 @@ async fn events_across_users_are_newest_first_and_filtered() {
         ["a-old"],
         "until is exclusive"
     );
+    // Bounds finer than the stored microseconds: 100 ns after t1.
+    let past_t1 = enc(t1).replace('Z', "1Z");
+    assert_eq!(
+        ids_for(format!("since={past_t1}")).await,
+        ["b-new"],
+        "an event before since is out"
+    );
+    assert_eq!(
+        ids_for(format!("until={past_t1}")).await,
+        ["b-mid", "a-mid", "a-old"],
+        "an event before until is in"
+    );
     assert_eq!(
         ids_for(format!(
             "since={}&until={}&minStatusCode=500&leafUserId={b}",
