@@ -754,15 +754,25 @@ impl Gateway {
         }
     }
 
-    /// GET the credential (forwarded; the cache when Leaf is unavailable).
+    /// GET the credential (forwarded; the cache when Leaf is unavailable, or when `cache_only`).
     pub async fn get(
         &self,
         provider: &Provider,
         user: Uuid,
         reveal: bool,
+        cache_only: bool,
         actor: Actor<'_>,
     ) -> Result<(View, Source), ApiError> {
-        let (row, source, opened) = self.read_through(provider, user, reveal, actor).await?;
+        let (row, source, opened) = if cache_only {
+            let row = self
+                .local_row(provider, user)
+                .await?
+                .ok_or_else(|| ApiError::NotFound("no credential for this user".into()))?;
+            Self::refuse_gone(&row)?;
+            (row, Source::Cache, None)
+        } else {
+            self.read_through(provider, user, reveal, actor).await?
+        };
         let secrets = match opened {
             Some(Opened(secrets)) => secrets,
             None => self.open(provider, &row)?,

@@ -291,11 +291,17 @@ async fn get(
     st: web::Data<AppState>,
     who: Authed,
     path: web::Path<(String, String)>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let (provider, user) =
         target(&st, &who, path, Scope::CredentialsRead, "credential.read").await?;
+    let q: SourceQuery = parse_query(&req)?;
+    let cache = cache_only(q.source.as_deref())?;
     let reveal = who.caller.scopes.may_reveal();
-    let (view, source) = st.gateway.get(provider, user, reveal, who.actor()).await?;
+    let (view, source) = st
+        .gateway
+        .get(provider, user, reveal, cache, who.actor())
+        .await?;
     let body = view_body(provider, &view).map_err(|e| ApiError::Internal(e.into()))?;
     Ok(with_source(json_body(StatusCode::OK, body), source))
 }

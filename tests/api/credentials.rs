@@ -703,3 +703,56 @@ async fn the_circuit_breaker_opens_after_repeated_failures_and_a_probe_closes_it
     assert_problem(app.get(user, "credentials:read").await, 404, "not-found").await;
     assert_problem(app.get(user, "credentials:read").await, 404, "not-found").await;
 }
+
+/// SPEC §5: "(also for an explicit `?source=cache`)" — on the GET as on `/status` and `/events`.
+#[tokio::test]
+async fn get_with_source_cache_answers_the_local_copy_without_asking_leaf() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    assert_eq!(
+        app.create(user, &body("cid", "cacheonly000"))
+            .await
+            .status(),
+        201
+    );
+    app.clear_sim_requests().await;
+    let path = |u: Uuid, source: &str| {
+        format!(
+            "/services/usermanagement/api/users/{u}/climate-field-view-credentials?source={source}"
+        )
+    };
+    let url = path(user, "cache");
+    let r = app.get_path(&url, "credentials:read").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credsync-source"], "cache");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["clientId"], "cid");
+    assert_eq!(v["syncState"], "SYNCED");
+    assert_eq!(v["clientSecret"], "****y000");
+    assert!(app.sim_requests().await.is_empty(), "Leaf was asked");
+    // Nothing stored → 404 (still without asking Leaf); any other source → 400.
+    let other = path(Uuid::new_v4(), "cache");
+    assert_problem(
+        app.get_path(&other, "credentials:read").await,
+        404,
+        "not-found",
+    )
+    .await;
+    assert!(app.sim_requests().await.is_empty(), "Leaf was asked");
+    let bogus = path(user, "bogus");
+    assert_problem(
+        app.get_path(&bogus, "credentials:read").await,
+        400,
+        "validation",
+    )
+    .await;
+    // A delete pending → 404 from the cache as from Leaf.
+    app.fault(json!({"fixedStatus": 503})).await;
+    assert_eq!(app.delete(user, "credentials:delete").await.status(), 202);
+    assert_problem(
+        app.get_path(&url, "credentials:read").await,
+        404,
+        "not-found",
+    )
+    .await;
+}
