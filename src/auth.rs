@@ -256,11 +256,9 @@ impl Verifier {
                         }
                         found
                     }
-                    None => self
-                        .public
-                        .iter()
-                        .filter(|k| k.kid.is_none() || self.public.len() == 1)
-                        .collect(),
+                    // No `kid`: every key of the token's algorithm is tried (the signature
+                    // still has to verify under one of them).
+                    None => self.public.iter().collect(),
                 };
                 let candidates: Vec<_> = candidates
                     .into_iter()

@@ -398,6 +398,15 @@ async fn a_jwks_file_honours_kids_and_refuses_unknown_ones() {
     )
     .await;
     assert_accepted(&app, "ES256 kid ec-1", &es256(Some("ec-1"), &claims())).await;
+    // No `kid`: each key of the token's algorithm is tried.
+    assert_accepted(&app, "RS256 without a kid", &rs256(None, &claims())).await;
+    assert_accepted(
+        &app,
+        "RS256 without a kid, the second RSA key",
+        &sign(Algorithm::RS256, None, &claims(), &rsa_key(&k.rsa2)),
+    )
+    .await;
+    assert_accepted(&app, "ES256 without a kid", &es256(None, &claims())).await;
 
     let mut cases: Vec<(String, String)> = vec![
         ("unknown kid".into(), rs256(Some("rsa-9"), &claims())),
@@ -423,8 +432,10 @@ async fn a_jwks_file_honours_kids_and_refuses_unknown_ones() {
                 &rsa_key(&k.rogue),
             ),
         ),
-        // Several keys and no `kid`: which key is meant is not said.
-        ("no kid with several keys".into(), rs256(None, &claims())),
+        (
+            "no kid, signed by an unconfigured key".into(),
+            sign(Algorithm::RS256, None, &claims(), &rsa_key(&k.rogue)),
+        ),
         (
             "HS256 when no shared secret is configured".into(),
             token("status:read"),
