@@ -25,6 +25,8 @@ use crate::store::credentials::{self as creds, StatusSource};
 use crate::store::{events, work};
 
 const WORKER_ACTOR: &str = "credsync";
+/// The audit trail's actor for what the command line does (SPEC §6: "the CLI's actor is `cli`").
+const CLI_ACTOR: &str = "cli";
 
 /// Lanes per slot of `CREDSYNC_SYNC_CONCURRENCY`. Between its upstream calls a lane does
 /// database work (claim, compare, store, release) without holding a slot; with one lane per
@@ -563,7 +565,8 @@ impl Syncer {
         false
     }
 
-    /// Page through Leaf's users and adopt every credential of `provider` Leaf holds.
+    /// Page through Leaf's users and adopt every credential of `provider` Leaf holds (audited
+    /// as `credential.adopted` by the CLI: `credsync sync --once --discover`).
     pub async fn discover(
         &self,
         provider: &Provider,
@@ -603,7 +606,7 @@ impl Syncer {
                         cred,
                         StatusSource::Sync,
                         Actor {
-                            sub: WORKER_ACTOR,
+                            sub: CLI_ACTOR,
                             request_id: "discover",
                         },
                     )
@@ -741,6 +744,19 @@ pub async fn run_once_cli(
         anyhow::ensure!(unknown.is_empty(), "not tracked: {}", unknown.join(", "));
     }
     let total = tracked.len();
+    audit::record_logged(
+        &syncer.gateway.db,
+        &Entry {
+            actor: CLI_ACTOR,
+            action: "sync.trigger",
+            leaf_user_id: None,
+            provider: Some(provider.name),
+            outcome: Outcome::Success,
+            request_id: None,
+            detail: Some(&format!("sync --once: {total} credential(s)")),
+        },
+    )
+    .await;
     let (done, failed) = syncer.run(None, tracked).await;
     println!(
         "sync: {total} credentials, {done} attempted, {} synced, {failed} failed",

@@ -430,7 +430,7 @@ async fn discovery_adopts_credentials_created_directly_at_leaf() {
     );
     assert_eq!(
         app.count(
-            "select count(*) from audit where action = 'credential.adopted' and actor = 'credsync'"
+            "select count(*) from audit where action = 'credential.adopted' and actor = 'cli'"
         )
         .await,
         3
@@ -515,4 +515,77 @@ async fn a_dead_replicas_leases_are_taken_over_after_they_expire() {
         },
     )
     .await;
+}
+
+/// `credsync sync --once` (the real binary): a pass over the tracked credentials with a summary,
+/// `--discover` first, `--user` for some, audited with the CLI's actor (SPEC §1, §6).
+#[tokio::test]
+async fn sync_once_runs_a_pass_discovers_and_is_audited_as_the_cli() {
+    let app = spawn_app().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    assert_eq!(
+        app.create(a, &body("cid", "once-a000000")).await.status(),
+        201
+    );
+    assert_eq!(
+        app.create(b, &body("cid", "once-b000000")).await.status(),
+        201
+    );
+    let direct = Uuid::new_v4();
+    let r = app
+        .sim_post(
+            "/__sim/credentials",
+            json!({"leafUserId": direct, "fields": {"clientId": "d"}}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let sync_once = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_credsync"))
+            .env_clear()
+            .envs(base_env(&app.db_url, &app.sim_url))
+            .env("CREDSYNC_LOG_FORMAT", "json")
+            .args(["sync", "--once"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = sync_once(&["--discover"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("discover: 3 Leaf users seen, 1 credentials adopted"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("sync: 3 credentials, 3 attempted, 3 synced, 0 failed"),
+        "{stdout}"
+    );
+    let out = sync_once(&["--user", &a.to_string()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("sync: 1 credentials, 1 attempted, 1 synced, 0 failed"),
+        "{stdout}"
+    );
+    let out = sync_once(&["--user", &Uuid::new_v4().to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not tracked"));
+    assert_eq!(
+        app.count(
+            "select count(*) from audit where action = 'sync.trigger' and actor = 'cli' and leaf_user_id is null"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        app.count_for(
+            "select count(*) from audit where action = 'credential.adopted' and actor = 'cli' and leaf_user_id = $1",
+            direct
+        )
+        .await,
+        1
+    );
 }
