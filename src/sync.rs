@@ -57,10 +57,12 @@ pub fn backoff(failures: u32, retry_after: Option<u64>) -> Duration {
         .unwrap_or(Duration::from_secs(300))
 }
 
+/// What went wrong, for the logs and the outbox's `last_error`: never Leaf's own text, which may
+/// quote a secret (a rejected create keeps it, masked, in [`Syncer::reject`]).
 fn error_text(e: &LeafError) -> String {
     match e {
         LeafError::Unavailable(u) => format!("Leaf unavailable: {u:?}"),
-        LeafError::Rejected { status, detail } => format!("Leaf answered {status}: {detail}"),
+        LeafError::Rejected { status, .. } => format!("Leaf answered {status}"),
         LeafError::Unexpected { status } => format!("Leaf answered an unexpected {status}"),
     }
 }

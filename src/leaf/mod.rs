@@ -45,8 +45,9 @@ pub enum Unavailable {
     AuthRejected,
 }
 
-/// What went wrong talking to Leaf.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What went wrong talking to Leaf. Its `Debug` leaves out Leaf's text: Leaf may quote the
+/// credential it refuses, and only [`LeafError::into_api_error`] masks it.
+#[derive(Clone, PartialEq, Eq)]
 pub enum LeafError {
     Unavailable(Unavailable),
     /// Leaf answered 400, 404, 409 or 422: passed on to the caller.
@@ -58,6 +59,22 @@ pub enum LeafError {
     Unexpected {
         status: u16,
     },
+}
+
+impl std::fmt::Debug for LeafError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeafError::Unavailable(u) => f.debug_tuple("Unavailable").field(u).finish(),
+            LeafError::Rejected { status, .. } => f
+                .debug_struct("Rejected")
+                .field("status", status)
+                .finish_non_exhaustive(),
+            LeafError::Unexpected { status } => f
+                .debug_struct("Unexpected")
+                .field("status", status)
+                .finish(),
+        }
+    }
 }
 
 impl LeafError {
@@ -907,6 +924,19 @@ mod tests {
         }
         assert!(parse_credential(br#"{"status":null}"#).is_ok());
         assert!(parse_credential(br#"{"id":"i","status":"OK"}"#).is_ok());
+    }
+
+    #[test]
+    fn leafs_text_stays_out_of_debug_output() {
+        let e = LeafError::Rejected {
+            status: 422,
+            detail: "refused client-secret-xyz".into(),
+        };
+        let shown = format!("{e:?} {:?}", Some(&e));
+        assert!(
+            shown.contains("422") && !shown.contains("client-secret-xyz"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Secrets stay secret: every route, failures included, then a scan of every answer, the logs,
 //! the metrics and every table for the secret values in clear, base64 or hex.
+use std::time::Duration;
+
 use base64::Engine as _;
 use serde_json::json;
 use uuid::Uuid;
@@ -195,10 +197,50 @@ async fn leafs_refusal_quoting_a_stored_secret_is_passed_on_masked() {
             "{method} {path}"
         );
     }
-    // The failed delete's audit entry carries the masked text too, and no table holds a secret.
+    // The failed delete's audit entry carries the masked text too, and no table holds a secret,
+    // nor does any log line.
     let dump = app.dump_all_tables().await;
     assert!(dump.contains("refused: secret **** key **** token ****"));
+    let logs = captured_logs();
     for s in &secrets {
         assert!(!dump.contains(s.as_str()), "{s} is stored in clear");
+        assert!(!logs.contains(s.as_str()), "{s} is in the logs");
     }
+}
+
+/// The sync worker meeting the same refusal: its log lines and bookkeeping carry Leaf's status,
+/// not Leaf's text.
+#[tokio::test]
+async fn the_worker_logs_leafs_refusal_without_its_text() {
+    let app = spawn_app_with(
+        AppOptions {
+            run: credsync::app::RunOptions {
+                http: true,
+                sync: true,
+                migrate: true,
+            },
+            ..Default::default()
+        }
+        .env("CREDSYNC_SYNC_INTERVAL_SECS", "1"),
+    )
+    .await;
+    let user = Uuid::new_v4();
+    let suffix = "workerquote0";
+    assert_eq!(app.create(user, &body("cid", suffix)).await.status(), 201);
+    let secret = format!("client-secret-{suffix}");
+    app.fault(json!({"fixedStatus": 422, "detail": format!("refused {secret}"), "method": "GET"}))
+        .await;
+    wait_until("a refused sync", Duration::from_secs(20), || async {
+        app.count_for(
+            "select count(*) from credential where leaf_user_id = $1 and sync_failures > 0",
+            user,
+        )
+        .await
+            > 0
+    })
+    .await;
+    let logs = captured_logs();
+    assert!(logs.contains("Leaf answered 422"), "the refusal is logged");
+    assert!(!logs.contains(&secret), "the secret is in the logs");
+    assert!(!app.dump_all_tables().await.contains(&secret));
 }
