@@ -401,7 +401,8 @@ async fn send_alert(
     state: web::Data<SimState>,
     bytes: web::Bytes,
 ) -> HttpResponse {
-    let prepared = (|| -> Result<(Vec<u8>, Signing), Problem> {
+    // The alert, its signing, and its type (`None` for a raw body, sent to every webhook).
+    let prepared = (|| -> Result<(Vec<u8>, Signing, Option<String>), Problem> {
         let b: AlertRequest = body(&bytes)?;
         let signing = match b.signature.as_deref().unwrap_or("valid") {
             "valid" => Signing::Valid,
@@ -414,7 +415,7 @@ async fn send_alert(
             }
         };
         if let Some(raw) = b.raw_body {
-            return Ok((raw.into_bytes(), signing));
+            return Ok((raw.into_bytes(), signing, None));
         }
         let credential_id = b.credential_id.ok_or_else(|| {
             Problem::bad_request("Field 'credentialId' is required (or send 'rawBody')")
@@ -441,13 +442,17 @@ async fn send_alert(
             .or_else(|| alerts::type_for_status(&status).map(str::to_owned))
             .unwrap_or_else(|| alerts::UNAUTHENTICATED_TYPE.to_owned());
         let alert = AlertBody::new(provider_name, &credential_id, &status, &kind);
-        Ok((alert.to_bytes(), signing))
+        Ok((alert.to_bytes(), signing, Some(kind)))
     })();
-    let (payload, signing) = match prepared {
+    let (payload, signing, kind) = match prepared {
         Ok(p) => p,
         Err(p) => return p.render(req.path()),
     };
-    let hooks = lock(&state.store).webhooks.clone();
+    // As Leaf: an alert goes to the webhooks registered for its type.
+    let hooks = match &kind {
+        Some(kind) => alerts::hooks_for(&state, kind),
+        None => lock(&state.store).webhooks.clone(),
+    };
     let deliveries = alerts::deliver_all(&state, &hooks, &payload, signing).await;
     admin_json(
         StatusCode::OK,

@@ -15,7 +15,7 @@ use super::alerts::{self, Signing};
 use super::json::{Obj, Problem, leaf_json, now_micros};
 use super::providers::{CLIENT_ENVIRONMENTS, PROVIDERS, by_segment};
 use super::state::{
-    SimState, SortDir, User, UserFilter, Webhook, credential_conflict, lock, page_events,
+    SimState, SortDir, User, UserFilter, UserSort, Webhook, credential_conflict, lock, page_events,
 };
 
 const USERS_BASE: &str = "/services/usermanagement/api";
@@ -365,6 +365,7 @@ async fn list_users(req: HttpRequest, state: web::Data<SimState>) -> HttpRespons
             email: first(&q, "email").map(str::to_owned),
             name: first(&q, "name").map(str::to_owned),
             external_id: first(&q, "externalId").map(str::to_owned),
+            sort: user_sort(&q)?,
         };
         let (items, total) = lock(&state.store).list_users(&filter, page, size);
         Ok(paged(&req, &q, page, size, total, &items))
@@ -534,6 +535,30 @@ async fn credential_status(
         ))
     })();
     finish(&req, answer)
+}
+
+/// The users list's `sort=property[,asc|desc]` (ascending by default, as Spring reads it).
+fn user_sort(q: &[(String, String)]) -> Result<Option<(UserSort, bool)>, Problem> {
+    let Some(raw) = first(q, "sort") else {
+        return Ok(None);
+    };
+    let mut parts = raw.split(',').map(str::trim);
+    let property = parts.next().unwrap_or("");
+    let by = UserSort::parse(property).ok_or_else(|| {
+        Problem::bad_request(format!(
+            "No property '{property}' found for type 'LeafUser'"
+        ))
+    })?;
+    let descending = match parts.next().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(other) => {
+            return Err(Problem::bad_request(format!(
+                "Invalid sort direction '{other}'"
+            )));
+        }
+    };
+    Ok(Some((by, descending)))
 }
 
 fn sort_dir(q: &[(String, String)]) -> Result<SortDir, Problem> {

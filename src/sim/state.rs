@@ -309,7 +309,7 @@ impl Fault {
             ("fixedStatus", self.fixed_status),
         ] {
             if let Some(s) = status
-                && StatusCode::from_u16(s).is_err()
+                && !(100..=599).contains(&s)
             {
                 return Err(format!("{name} {s} is not an HTTP status"));
             }
@@ -696,6 +696,31 @@ pub(crate) struct UserFilter {
     pub email: Option<String>,
     pub name: Option<String>,
     pub external_id: Option<String>,
+    /// `sort=property[,asc|desc]`: the order of the list (creation order without it).
+    pub sort: Option<(UserSort, bool)>,
+}
+
+/// The user properties the list sorts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UserSort {
+    Id,
+    Name,
+    Email,
+    ExternalId,
+    CreatedTime,
+}
+
+impl UserSort {
+    pub(crate) fn parse(property: &str) -> Option<UserSort> {
+        Some(match property {
+            "id" => UserSort::Id,
+            "name" => UserSort::Name,
+            "email" => UserSort::Email,
+            "externalId" => UserSort::ExternalId,
+            "createdTime" => UserSort::CreatedTime,
+            _ => return None,
+        })
+    }
 }
 
 /// Leaf's data.
@@ -756,24 +781,36 @@ impl Store {
             None => true,
             Some(w) => have.as_deref() == Some(w.as_str()),
         };
-        let start = page.saturating_mul(size);
-        let mut total = 0usize;
-        let mut items = Vec::new();
-        for id in self.order.values() {
-            let Some(u) = self.users.get(id) else {
-                continue;
-            };
-            if !(eq(&filter.email, &u.email)
-                && eq(&filter.name, &u.name)
-                && eq(&filter.external_id, &u.external_id))
-            {
-                continue;
-            }
-            if total >= start && items.len() < size {
-                items.push(u.to_obj());
-            }
-            total += 1;
+        let mut matching: Vec<&User> = self
+            .order
+            .values()
+            .filter_map(|id| self.users.get(id))
+            .filter(|u| {
+                eq(&filter.email, &u.email)
+                    && eq(&filter.name, &u.name)
+                    && eq(&filter.external_id, &u.external_id)
+            })
+            .collect();
+        if let Some((by, descending)) = filter.sort {
+            // Stable: equal keys keep creation order. A missing value sorts first.
+            matching.sort_by(|a, b| {
+                let o = match by {
+                    UserSort::Id => a.id.cmp(&b.id),
+                    UserSort::Name => a.name.cmp(&b.name),
+                    UserSort::Email => a.email.cmp(&b.email),
+                    UserSort::ExternalId => a.external_id.cmp(&b.external_id),
+                    UserSort::CreatedTime => a.created_time.cmp(&b.created_time),
+                };
+                if descending { o.reverse() } else { o }
+            });
         }
+        let total = matching.len();
+        let items = matching
+            .into_iter()
+            .skip(page.saturating_mul(size))
+            .take(size)
+            .map(User::to_obj)
+            .collect();
         (items, total)
     }
 

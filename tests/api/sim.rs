@@ -761,6 +761,29 @@ async fn users_are_paged_filtered_and_embed_their_credentials() {
     let page: Value = res.json().await.unwrap();
     assert_eq!(page.as_array().unwrap().len(), 10);
     assert_eq!(page[0]["id"], ids[10].as_str(), "creation order");
+    // `sort` on a user property, ascending unless `desc`; another property is a 400.
+    for (sort, first) in [
+        ("name,desc", "grower 9"),
+        ("name", "grower 0"),
+        ("externalId,asc", "grower 0"),
+        ("email,DESC", "grower 9"),
+    ] {
+        let res = sim
+            .leaf(Method::GET, &format!("{USERS}?sort={sort}&size=3"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{sort}");
+        assert_eq!(header(&res, "x-total-count"), "25");
+        let page: Value = res.json().await.unwrap();
+        assert_eq!(page[0]["name"], first, "{sort}");
+    }
+    let res = sim
+        .leaf(Method::GET, &format!("{USERS}?sort=bogus,desc"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 400).await;
 
     let res = sim
         .leaf(Method::GET, &format!("{USERS}?email=g7@example.com"))
@@ -996,6 +1019,15 @@ async fn an_error_rate_of_one_fails_every_request_with_the_error_status() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST, "typos are refused");
+    for status in [99, 600, 999] {
+        let res = sim
+            .admin(Method::PUT, "/faults")
+            .json(&json!({"fixedStatus": status}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{status}");
+    }
 }
 
 #[tokio::test]
@@ -1230,12 +1262,20 @@ async fn forced_alerts_carry_a_valid_an_invalid_or_no_signature() {
     let answer: Value = res.json().await.unwrap();
     assert_eq!(answer["deliveries"][0]["url"], receiver.url.as_str());
     assert_eq!(answer["deliveries"][0]["status"], 204);
-    send(json!({"credentialId": id, "signature": "invalid"}))
+    send(json!({"credentialId": id, "status": "MISSING_PERMISSION", "signature": "invalid"}))
         .await
         .unwrap();
-    send(json!({"credentialId": id, "signature": "none"}))
+    send(json!({"credentialId": id, "type": "credentialsLimitedPermission", "signature": "none"}))
         .await
         .unwrap();
+    // Another type goes to the webhooks registered for it (none here), as at Leaf.
+    let other: Value = send(json!({"credentialId": id, "type": "credentialsUnauthenticated"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(other["deliveries"], json!([]), "{other}");
     send(json!({"rawBody": "{\"hello\":1}", "signature": "valid"}))
         .await
         .unwrap();
