@@ -101,6 +101,31 @@ impl AppOptions {
     }
 }
 
+/// The API with the sync worker, every credential due each `interval_secs`.
+pub fn with_worker(interval_secs: u64) -> AppOptions {
+    AppOptions {
+        run: RunOptions {
+            http: true,
+            sync: true,
+            migrate: true,
+        },
+        ..Default::default()
+    }
+    .env("CREDSYNC_SYNC_INTERVAL_SECS", interval_secs.to_string())
+}
+
+/// The API started as `serve --no-sync --no-migrate`.
+pub fn without_migrations() -> AppOptions {
+    AppOptions {
+        run: RunOptions {
+            http: true,
+            sync: false,
+            migrate: false,
+        },
+        ..Default::default()
+    }
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(AppOptions::default()).await
 }

@@ -124,12 +124,7 @@ async fn readiness_is_503_when_postgres_is_unreachable() {
     // Started without migrations (`serve --no-migrate`) while Postgres is down: it stays up.
     let app = spawn_app_with(AppOptions {
         db_url: Some("postgres://postgres@127.0.0.1:1/none".into()),
-        run: credsync::app::RunOptions {
-            http: true,
-            sync: false,
-            migrate: false,
-        },
-        ..Default::default()
+        ..without_migrations()
     })
     .await;
     let r = app
@@ -249,15 +244,7 @@ async fn oversized_headers_are_refused() {
 /// migrator) has run, without a restart.
 #[tokio::test]
 async fn no_migrate_on_an_empty_database_serves_and_is_ready_once_migrated() {
-    let app = spawn_app_with(AppOptions {
-        run: credsync::app::RunOptions {
-            http: true,
-            sync: false,
-            migrate: false,
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with(without_migrations()).await;
     let readyz = || async {
         let r = app
             .client

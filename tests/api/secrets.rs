@@ -212,18 +212,7 @@ async fn leafs_refusal_quoting_a_stored_secret_is_passed_on_masked() {
 /// not Leaf's text.
 #[tokio::test]
 async fn the_worker_logs_leafs_refusal_without_its_text() {
-    let app = spawn_app_with(
-        AppOptions {
-            run: credsync::app::RunOptions {
-                http: true,
-                sync: true,
-                migrate: true,
-            },
-            ..Default::default()
-        }
-        .env("CREDSYNC_SYNC_INTERVAL_SECS", "1"),
-    )
-    .await;
+    let app = spawn_app_with(with_worker(1)).await;
     let user = Uuid::new_v4();
     let suffix = "workerquote0";
     assert_eq!(app.create(user, &body("cid", suffix)).await.status(), 201);

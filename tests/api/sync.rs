@@ -2,23 +2,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use credsync::app::RunOptions;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::helpers::*;
-
-fn with_worker(interval_secs: u64) -> AppOptions {
-    AppOptions {
-        run: RunOptions {
-            http: true,
-            sync: true,
-            migrate: true,
-        },
-        ..Default::default()
-    }
-    .env("CREDSYNC_SYNC_INTERVAL_SECS", interval_secs.to_string())
-}
 
 async fn state_of(app: &TestApp, user: Uuid) -> Option<String> {
     sqlx::query_scalar("select sync_state from credential where leaf_user_id = $1")
