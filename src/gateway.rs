@@ -689,7 +689,7 @@ impl Gateway {
                 Ok(Created::Synced(self.view(provider, &row, false)?))
             }
             Err(e) if e.is_unavailable() => {
-                creds::release_outbox(&self.db, user, provider.name).await?;
+                creds::release_outbox(&self.db, user, provider.name, e.retry_after()).await?;
                 self.audit(
                     actor,
                     "credential.create",
@@ -1046,11 +1046,19 @@ impl Gateway {
                 }
             }
             Err(e) if e.is_unavailable() => {
+                let retry_after = e.retry_after();
                 if before.is_none() {
-                    creds::queue_delete(&self.db, user, provider.name, actor.sub, actor.request_id)
-                        .await?;
+                    creds::queue_delete(
+                        &self.db,
+                        user,
+                        provider.name,
+                        actor.sub,
+                        actor.request_id,
+                        retry_after,
+                    )
+                    .await?;
                 } else {
-                    creds::release_outbox(&self.db, user, provider.name).await?;
+                    creds::release_outbox(&self.db, user, provider.name, retry_after).await?;
                 }
                 self.audit(
                     actor,

@@ -969,13 +969,15 @@ pub async fn begin_delete(
     Ok(Some((state, sealed)))
 }
 
-/// Record a delete Leaf has not taken yet for a credential credsync did not hold.
+/// Record a delete Leaf has not taken yet for a credential credsync did not hold (the worker
+/// tries it once Leaf's `Retry-After`, if any, has passed).
 pub async fn queue_delete(
     pool: &PgPool,
     user: Uuid,
     provider: &str,
     actor: &str,
     request_id: &str,
+    retry_after: Option<u64>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query(
@@ -996,39 +998,55 @@ pub async fn queue_delete(
     .await?;
     if queued.is_none() {
         sqlx::query(
-            "insert into outbox (leaf_user_id, provider, op, request_id, actor) values ($1, $2, 'delete', $3, $4)",
+            "insert into outbox (leaf_user_id, provider, op, request_id, actor, next_attempt_at)
+             values ($1, $2, 'delete', $3, $4, now() + make_interval(secs => $5))",
         )
         .bind(user)
         .bind(provider)
         .bind(request_id)
         .bind(actor)
+        .bind(not_before_secs(retry_after))
         .execute(&mut *tx)
         .await?;
     } else {
-        release_outbox_now(&mut tx, user, provider).await?;
+        release_outbox_now(&mut tx, user, provider, retry_after).await?;
     }
     tx.commit().await
+}
+
+/// Seconds from now to the first attempt the worker may make: Leaf's `Retry-After`, else 0.
+fn not_before_secs(retry_after: Option<u64>) -> f64 {
+    retry_after.map_or(0.0, |s| s as f64)
 }
 
 async fn release_outbox_now(
     tx: &mut Transaction<'_, Postgres>,
     user: Uuid,
     provider: &str,
+    retry_after: Option<u64>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "update outbox set next_attempt_at = now() where leaf_user_id = $1 and provider = $2",
+        "update outbox set next_attempt_at = now() + make_interval(secs => $3)
+         where leaf_user_id = $1 and provider = $2",
     )
     .bind(user)
     .bind(provider)
+    .bind(not_before_secs(retry_after))
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
-/// Hand the user's outbox entries to the worker now (the request path gave up on Leaf).
-pub async fn release_outbox(pool: &PgPool, user: Uuid, provider: &str) -> Result<(), sqlx::Error> {
+/// Hand the user's outbox entries to the worker (the request path gave up on Leaf): at once,
+/// or once Leaf's `Retry-After` has passed.
+pub async fn release_outbox(
+    pool: &PgPool,
+    user: Uuid,
+    provider: &str,
+    retry_after: Option<u64>,
+) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    release_outbox_now(&mut tx, user, provider).await?;
+    release_outbox_now(&mut tx, user, provider, retry_after).await?;
     tx.commit().await
 }
 

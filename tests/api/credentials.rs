@@ -756,3 +756,57 @@ async fn get_with_source_cache_answers_the_local_copy_without_asking_leaf() {
     )
     .await;
 }
+
+/// A 429 with `Retry-After` on a caller's create or delete: the queued entry waits that long
+/// before the worker may try it (SPEC §5, §8: the worker honours `Retry-After`).
+#[tokio::test]
+async fn writes_queued_on_a_429_wait_for_its_retry_after() {
+    let app = spawn_app().await;
+    let wait_of = |user: Uuid| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query_scalar::<_, f64>(
+                "select extract(epoch from next_attempt_at - now())::float8 from outbox where leaf_user_id = $1",
+            )
+            .bind(user)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+    let (created, held) = (Uuid::new_v4(), Uuid::new_v4());
+    assert_eq!(
+        app.create(held, &body("cid", "retryafter01"))
+            .await
+            .status(),
+        201
+    );
+    app.fault(json!({"fixedStatus": 429, "retryAfterSecs": 40, "method": "POST", "remaining": 1}))
+        .await;
+    assert_eq!(
+        app.create(created, &body("cid", "retryafter00"))
+            .await
+            .status(),
+        202
+    );
+    let wait = wait_of(created).await;
+    assert!((35.0..=40.0).contains(&wait), "create waits {wait} s");
+    app.fault(
+        json!({"fixedStatus": 429, "retryAfterSecs": 50, "method": "DELETE", "remaining": 1}),
+    )
+    .await;
+    assert_eq!(app.delete(held, "credentials:delete").await.status(), 202);
+    let wait = wait_of(held).await;
+    assert!((45.0..=50.0).contains(&wait), "delete waits {wait} s");
+    // Without a Retry-After the entry is the worker's at once.
+    let other = Uuid::new_v4();
+    app.fault(json!({"fixedStatus": 503, "method": "POST", "remaining": 1}))
+        .await;
+    assert_eq!(
+        app.create(other, &body("cid", "retryafter02"))
+            .await
+            .status(),
+        202
+    );
+    assert!(wait_of(other).await <= 0.0);
+}
