@@ -87,18 +87,28 @@ pub struct Syncer {
     permits: Arc<Semaphore>,
     /// The worker's own ceiling: three quarters of the Leaf rate, so callers always keep a share.
     pace: Arc<governor::DefaultDirectRateLimiter>,
-    /// Leases whose release failed (the database went away mid-sync). Released again before the
-    /// next claim, so a blip does not park a credential until its lease expires.
+    /// Leases whose release failed (the database went away, or the pool was busy, mid-sync or
+    /// mid-delivery). Released again before the next claim, so a blip does not park a
+    /// credential or an outbox entry until its lease expires.
     stranded: Arc<std::sync::Mutex<Vec<Stranded>>>,
 }
 
-/// A sync lease the worker still holds, with the schedule it meant to set on release.
+/// A lease the worker still holds, with what it meant to set on release.
 #[derive(Debug, Clone)]
-struct Stranded {
-    user: Uuid,
-    provider: &'static str,
-    next: Duration,
-    failed: bool,
+enum Stranded {
+    /// A credential's sync lease and its next schedule.
+    Sync {
+        user: Uuid,
+        provider: &'static str,
+        next: Duration,
+        failed: bool,
+    },
+    /// An outbox entry whose attempt failed, to be retried after `delay`.
+    Outbox {
+        id: i64,
+        delay: Duration,
+        error: String,
+    },
 }
 
 /// Result of one user's sync.
@@ -226,16 +236,13 @@ impl Syncer {
             }
         };
         if outcome != UserOutcome::Vanished {
-            let lease = Stranded {
+            self.release_or_keep(Stranded::Sync {
                 user,
                 provider: provider.name,
                 next,
                 failed,
-            };
-            if let Err(e) = self.release(&lease).await {
-                tracing::warn!(error = %e, "could not release a sync lease; will retry");
-                self.stranded_leases().push(lease);
-            }
+            })
+            .await;
         }
         metrics::counter!("credsync_sync_users_total", "outcome" => match outcome {
             UserOutcome::Synced => "synced",
@@ -247,15 +254,26 @@ impl Syncer {
     }
 
     async fn release(&self, lease: &Stranded) -> Result<(), sqlx::Error> {
-        work::finish_sync(
-            &self.gateway.db,
-            &self.owner,
-            lease.user,
-            lease.provider,
-            lease.next,
-            lease.failed,
-        )
-        .await
+        let db = &self.gateway.db;
+        match lease {
+            Stranded::Sync {
+                user,
+                provider,
+                next,
+                failed,
+            } => work::finish_sync(db, &self.owner, *user, provider, *next, *failed).await,
+            Stranded::Outbox { id, delay, error } => {
+                work::retry_outbox(db, *id, &self.owner, *delay, error).await
+            }
+        }
+    }
+
+    /// Release a lease, or keep it for [`Syncer::release_stranded`] when that fails.
+    async fn release_or_keep(&self, lease: Stranded) {
+        if let Err(e) = self.release(&lease).await {
+            tracing::warn!(error = %e, "could not release a lease; will retry");
+            self.stranded_leases().push(lease);
+        }
     }
 
     fn stranded_leases(&self) -> std::sync::MutexGuard<'_, Vec<Stranded>> {
@@ -302,11 +320,12 @@ impl Syncer {
                     u32::try_from(entry.attempts.saturating_sub(1)).unwrap_or(0),
                     e.retry_after(),
                 );
-                if let Err(db) =
-                    work::retry_outbox(&gw.db, entry.id, &self.owner, delay, &error_text(&e)).await
-                {
-                    tracing::warn!(error = %db, "could not reschedule an outbox entry");
-                }
+                self.release_or_keep(Stranded::Outbox {
+                    id: entry.id,
+                    delay,
+                    error: error_text(&e),
+                })
+                .await;
                 false
             }
         }
@@ -472,6 +491,11 @@ impl Syncer {
     pub async fn step(&self) -> bool {
         let db = &self.gateway.db;
         self.release_stranded().await;
+        // While the breaker refuses calls, a claim could only fail and be given back: the lanes
+        // nap instead (the first one to step after the cool-down is the breaker's probe).
+        if self.gateway.leaf.breaker().is_open() {
+            return false;
+        }
         match work::claim_outbox(db, &self.owner, self.settings.lease, 1).await {
             Ok(mut entries) => {
                 if let Some(e) = entries.pop() {
