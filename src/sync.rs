@@ -218,9 +218,47 @@ impl Syncer {
         Ok(UserOutcome::Synced)
     }
 
+    /// [`Syncer::refresh`] while renewing the credential's lease every third of it, so that a
+    /// sync longer than the lease (many pages of events, a slow Leaf) is not taken over and
+    /// fetched twice at once. `None` when the lease was lost anyway (the database was out of
+    /// reach for longer than the lease): the sync stops there, the new holder's to do.
+    async fn refresh_under_lease(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+    ) -> Option<Result<UserOutcome, LeafError>> {
+        let lease = self.settings.lease;
+        let renew = async {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                match work::renew_sync_lease(
+                    &self.gateway.db,
+                    &self.owner,
+                    user,
+                    provider.name,
+                    lease,
+                )
+                .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => tracing::warn!(error = %e, "could not renew a sync lease"),
+                }
+            }
+        };
+        tokio::select! {
+            result = self.refresh(provider, user) => Some(result),
+            () = renew => None,
+        }
+    }
+
     /// Sync one leased credential and release it with its next due time.
     async fn sync_leased(&self, provider: &Provider, user: Uuid) -> UserOutcome {
-        let result = self.refresh(provider, user).await;
+        let Some(result) = self.refresh_under_lease(provider, user).await else {
+            tracing::warn!(leaf_user_id = %user, "lost a sync lease mid-sync; left to its new holder");
+            metrics::counter!("credsync_sync_users_total", "outcome" => "failed").increment(1);
+            return UserOutcome::Failed;
+        };
         let (outcome, next, failed) = match &result {
             Ok(o) => (*o, self.settings.interval, false),
             Err(e) => {

@@ -147,6 +147,27 @@ pub async fn finish_sync(
     Ok(())
 }
 
+/// Extend a sync lease `owner` still holds; `false` when it holds it no more.
+pub async fn renew_sync_lease(
+    pool: &PgPool,
+    owner: &str,
+    user: Uuid,
+    provider: &str,
+    lease: Duration,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "update credential set lease_until = now() + make_interval(secs => $4)
+         where leaf_user_id = $2 and provider = $3 and lease_owner = $1",
+    )
+    .bind(owner)
+    .bind(user)
+    .bind(provider)
+    .bind(secs(lease))
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 pub async fn sync_failures(pool: &PgPool, user: Uuid, provider: &str) -> Result<i32, sqlx::Error> {
     Ok(sqlx::query_scalar(
         "select sync_failures from credential where leaf_user_id = $1 and provider = $2",

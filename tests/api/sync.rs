@@ -613,3 +613,59 @@ async fn the_outbox_drains_soon_after_an_outage_that_opened_the_breaker() {
         "{attempts_while_down} attempts while down"
     );
 }
+
+/// A sync that outlasts its lease (here two slow Leaf reads, 6 s, against a 2 s lease) keeps
+/// the lease renewed: the other replica never fetches the same user at the same time.
+#[tokio::test]
+async fn a_sync_longer_than_its_lease_is_not_taken_over_midway() {
+    let worker = || {
+        with_worker(1)
+            .env("CREDSYNC_SYNC_LEASE_SECS", "2")
+            .env("CREDSYNC_SYNC_CONCURRENCY", "2")
+            .env("LEAF_TIMEOUT_MS", "10000")
+    };
+    let first = spawn_app_with(worker()).await;
+    let user = Uuid::new_v4();
+    assert_eq!(
+        first
+            .create(user, &body("c", "longsync0000"))
+            .await
+            .status(),
+        201
+    );
+    let _second = spawn_app_with(
+        AppOptions {
+            db_url: Some(first.db_url.clone()),
+            ..worker()
+        }
+        .env("LEAF_API_URL", first.sim_url.clone()),
+    )
+    .await;
+    first
+        .fault(json!({"latencyMs": 3000, "method": "GET", "pathContains": "climate-field-view-credentials"}))
+        .await;
+    first.clear_sim_requests().await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let starts: Vec<time::OffsetDateTime> = first
+        .sim_request_log()
+        .await
+        .iter()
+        .filter(|r| {
+            r["method"] == "GET"
+                && r["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with("climate-field-view-credentials"))
+        })
+        .map(|r| credsync::timefmt::parse_strict(r["at"].as_str().unwrap()).unwrap())
+        .collect();
+    assert!(starts.len() >= 2, "{} syncs", starts.len());
+    for pair in starts.windows(2) {
+        let gap = (pair[1] - pair[0]).as_seconds_f64();
+        // A sync is two 3 s reads, then the next is due a second after it ends; a take-over
+        // would start one about when the 2 s lease ran out.
+        assert!(
+            gap >= 5.9,
+            "a sync started {gap:.1} s after the previous one: {starts:?}"
+        );
+    }
+}
