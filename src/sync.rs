@@ -713,6 +713,14 @@ pub fn spawn(syncer: Syncer) -> WorkerHandle {
     let (stop, mut rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         tracing::info!(owner = %syncer.owner, "sync worker started");
+        match work::reschedule_beyond(&syncer.gateway.db, syncer.settings.interval).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                credentials = n,
+                "brought forward the credentials scheduled beyond the sync interval"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not check the sync schedule"),
+        }
         let lanes = futures_util::future::join_all(
             (0..syncer.settings.concurrency * LANES_PER_SLOT).map(|_| syncer.lane(rx.clone())),
         );

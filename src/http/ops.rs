@@ -57,7 +57,8 @@ async fn readyz(st: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn metrics(st: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = crate::store::gauges::refresh(&st.gateway.db).await {
+    if let Err(e) = crate::store::gauges::refresh(&st.gateway.db, st.syncer.settings.interval).await
+    {
         tracing::warn!(error = %e, "could not refresh gauges");
     }
     HttpResponse::Ok()

@@ -3,8 +3,9 @@ use sqlx::PgPool;
 
 use crate::domain::credential::{REPORTED_STATUSES, UNKNOWN_STATUS};
 
-/// Refresh `credsync_credentials{status}`, `credsync_outbox_pending` and `credsync_sync_lag_seconds`.
-pub async fn refresh(pool: &PgPool) -> Result<(), sqlx::Error> {
+/// Refresh `credsync_credentials{status}`, `credsync_outbox_pending` and
+/// `credsync_sync_lag_seconds`; `interval` is `CREDSYNC_SYNC_INTERVAL_SECS`.
+pub async fn refresh(pool: &PgPool, interval: std::time::Duration) -> Result<(), sqlx::Error> {
     // From the summary's trigger-kept count deltas (a handful of rows), not a pass over every
     // credential at each scrape.
     let by_status: Vec<(Option<String>, i64)> = sqlx::query_as(
@@ -24,10 +25,18 @@ pub async fn refresh(pool: &PgPool) -> Result<(), sqlx::Error> {
         .fetch_one(pool)
         .await?;
     metrics::gauge!("credsync_outbox_pending").set(pending as f64);
+    // How long the most overdue credential has waited past its refresh: due work not picked up
+    // yet (the queue's oldest `next_sync_at`), or a credential last refreshed more than an
+    // interval ago (its syncs fail and back off, or the interval was shortened). Both are read
+    // from an index, not a scan.
     let lag: Option<f64> = sqlx::query_scalar(
-        "select extract(epoch from now() - min(next_sync_at))::float8 from credential
-         where sync_state in ('SYNCED', 'PENDING_UPSTREAM') and next_sync_at < now()",
+        "select greatest(
+             (select extract(epoch from now() - min(next_sync_at)) from credential
+              where sync_state in ('SYNCED', 'PENDING_UPSTREAM') and next_sync_at < now()),
+             (select extract(epoch from now() - min(checked_at)) - $1 from credential
+              where sync_state = 'SYNCED'))::float8",
     )
+    .bind(interval.as_secs_f64())
     .fetch_one(pool)
     .await?;
     metrics::gauge!("credsync_sync_lag_seconds").set(lag.unwrap_or(0.0).max(0.0));

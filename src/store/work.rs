@@ -147,6 +147,21 @@ pub async fn finish_sync(
     Ok(())
 }
 
+/// Bring forward the credentials scheduled further out than one `interval` (it was shortened
+/// since they were scheduled), spread over the next interval; those backing off from failures
+/// keep their schedule. Reads the queue's index: rows due within the interval are not touched.
+pub async fn reschedule_beyond(pool: &PgPool, interval: Duration) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "update credential set next_sync_at = now() + random() * make_interval(secs => $1)
+         where sync_state = 'SYNCED'
+           and next_sync_at > now() + make_interval(secs => $1) and sync_failures = 0",
+    )
+    .bind(secs(interval))
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Extend a sync lease `owner` still holds; `false` when it holds it no more.
 pub async fn renew_sync_lease(
     pool: &PgPool,

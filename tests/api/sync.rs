@@ -669,3 +669,74 @@ async fn a_sync_longer_than_its_lease_is_not_taken_over_midway() {
         );
     }
 }
+
+/// `credsync_sync_lag_seconds` counts a credential whose syncs keep failing (its backoff moves
+/// `next_sync_at` on, but its last refresh grows old) as overdue.
+#[tokio::test]
+async fn the_sync_lag_counts_a_credential_stuck_in_backoff() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    assert_eq!(
+        app.create(user, &body("c", "lagging00000")).await.status(),
+        201
+    );
+    sqlx::query(
+        "update credential set checked_at = now() - interval '1 hour',
+             next_sync_at = now() + interval '1 hour', sync_failures = 6
+         where leaf_user_id = $1",
+    )
+    .bind(user)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    // The test apps keep the default interval, 300 s: an hour since the last refresh is 3300 s
+    // overdue. (The recorder is shared by every test app in this process: wait for ours.)
+    wait_until("the lag to show", Duration::from_secs(10), || async {
+        let text = app.metrics().await;
+        let lag = text
+            .lines()
+            .find_map(|l| l.strip_prefix("credsync_sync_lag_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        lag.is_some_and(|lag| (3290.0..3320.0).contains(&lag))
+    })
+    .await;
+}
+
+/// A worker started with a shorter interval than the credentials were scheduled with brings
+/// them forward instead of leaving them until the old schedule.
+#[tokio::test]
+async fn a_shorter_interval_brings_the_schedule_forward() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    assert_eq!(
+        app.create(user, &body("c", "resched00000")).await.status(),
+        201
+    );
+    sqlx::query(
+        "update credential set next_sync_at = now() + interval '1 day' where leaf_user_id = $1",
+    )
+    .bind(user)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    app.clear_sim_requests().await;
+    let _worker = spawn_app_with(
+        AppOptions {
+            db_url: Some(app.db_url.clone()),
+            ..with_worker(2)
+        }
+        .env("LEAF_API_URL", app.sim_url.clone()),
+    )
+    .await;
+    wait_until(
+        "the credential to be synced",
+        Duration::from_secs(15),
+        || async {
+            app.sim_requests()
+                .await
+                .iter()
+                .any(|(m, p)| m == "GET" && p.contains(&user.to_string()))
+        },
+    )
+    .await;
+}
