@@ -435,7 +435,7 @@ impl LeafClient {
 
     /// Whether Leaf answers and accepts credsync's credentials (for `/readyz`).
     pub async fn probe(&self) -> (bool, Option<bool>) {
-        match self.current_token(false).await {
+        match self.current_token(None).await {
             Ok(_) => (true, Some(true)),
             Err(LeafError::Unavailable(Unavailable::AuthRejected)) => (true, Some(false)),
             Err(_) => (false, None),
@@ -479,21 +479,25 @@ impl LeafClient {
             .breaker
             .try_acquire()
             .ok_or(LeafError::Unavailable(Unavailable::CircuitOpen))?;
-        let mut renewed = false;
+        // The token Leaf refused with a 401, once: the next attempt needs another.
+        let mut refused: Option<SecretString> = None;
         loop {
-            let token = self.current_token(renewed).await.inspect_err(|e| {
-                if matches!(
-                    e,
-                    LeafError::Unavailable(
-                        Unavailable::Unreachable
-                            | Unavailable::Timeout
-                            | Unavailable::ServerError(_)
-                            | Unavailable::Garbage
-                    )
-                ) {
-                    permit.failure();
-                }
-            })?;
+            let token = self
+                .current_token(refused.as_ref())
+                .await
+                .inspect_err(|e| {
+                    if matches!(
+                        e,
+                        LeafError::Unavailable(
+                            Unavailable::Unreachable
+                                | Unavailable::Timeout
+                                | Unavailable::ServerError(_)
+                                | Unavailable::Garbage
+                        )
+                    ) {
+                        permit.failure();
+                    }
+                })?;
             let answer = self
                 .send(
                     method.clone(),
@@ -515,8 +519,8 @@ impl LeafClient {
             if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
                 && !matches!(self.shared.auth, LeafAuth::None)
             {
-                if !renewed && matches!(self.shared.auth, LeafAuth::Password { .. }) {
-                    renewed = true;
+                if refused.is_none() && matches!(self.shared.auth, LeafAuth::Password { .. }) {
+                    refused = Some(token.unwrap_or_else(|| SecretString::from("")));
                     continue;
                 }
                 self.set_auth_health(AuthHealth::Rejected);
@@ -595,34 +599,43 @@ impl LeafClient {
         })
     }
 
-    /// The token to use, authenticating when there is none, it is due for renewal, or `force`.
-    async fn current_token(&self, force: bool) -> Result<Option<SecretString>, LeafError> {
+    /// The token to use, authenticating when there is none, it is due for renewal, or it is the
+    /// one Leaf just `refused` (requests refused together renew it once: the first to get the
+    /// lock authenticates, the others take its new token).
+    async fn current_token(
+        &self,
+        refused: Option<&SecretString>,
+    ) -> Result<Option<SecretString>, LeafError> {
         let (username, password) = match &self.shared.auth {
             LeafAuth::None => return Ok(None),
             LeafAuth::Token(t) => return Ok(Some(t.clone())),
             LeafAuth::Password { username, password } => (username, password),
         };
-        if !force
+        // A token still fresh and not the refused one.
+        let usable = |t: &Token| {
+            t.renew_at > Instant::now()
+                && refused.is_none_or(|r| r.expose_secret() != t.value.expose_secret())
+        };
+        if refused.is_none()
             && let Some(t) = self
                 .shared
                 .token
                 .read()
                 .await
                 .as_ref()
-                .filter(|t| t.renew_at > Instant::now())
+                .filter(|t| usable(t))
         {
             return Ok(Some(t.value.clone()));
         }
         let _guard = self.shared.renewing.lock().await;
         // Someone else may have renewed while we waited.
-        if !force
-            && let Some(t) = self
-                .shared
-                .token
-                .read()
-                .await
-                .as_ref()
-                .filter(|t| t.renew_at > Instant::now())
+        if let Some(t) = self
+            .shared
+            .token
+            .read()
+            .await
+            .as_ref()
+            .filter(|t| usable(t))
         {
             return Ok(Some(t.value.clone()));
         }

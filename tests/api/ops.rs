@@ -174,6 +174,27 @@ async fn credsync_renews_its_leaf_token_before_expiry_and_after_a_revocation() {
         .filter(|(_, p)| p == "/api/authenticate")
         .count();
     assert_eq!(auths, 3);
+    // Requests refused together (the token revoked under them, here while Leaf is slow) renew
+    // it once: the first to renew authenticates, the others take its token.
+    app.fault(json!({"latencyMs": 300, "method": "GET"})).await;
+    let revoke = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        app.sim_post("/__sim/tokens/revoke", json!({})).await
+    };
+    let reads = futures_util::future::join_all((0..6).map(|_| app.get(user, "credentials:read")));
+    let (answers, revoked) = tokio::join!(reads, revoke);
+    assert_eq!(revoked.status(), 204);
+    for r in answers {
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-credsync-source"], "leaf");
+    }
+    let auths = app
+        .sim_requests()
+        .await
+        .iter()
+        .filter(|(_, p)| p == "/api/authenticate")
+        .count();
+    assert_eq!(auths, 4, "one renewal for the six refused reads");
 }
 
 #[tokio::test]
