@@ -616,28 +616,22 @@ impl LeafClient {
             t.renew_at > Instant::now()
                 && refused.is_none_or(|r| r.expose_secret() != t.value.expose_secret())
         };
-        if refused.is_none()
-            && let Some(t) = self
-                .shared
-                .token
-                .read()
-                .await
+        let held = || async {
+            let token = self.shared.token.read().await;
+            token
                 .as_ref()
                 .filter(|t| usable(t))
+                .map(|t| t.value.clone())
+        };
+        if refused.is_none()
+            && let Some(t) = held().await
         {
-            return Ok(Some(t.value.clone()));
+            return Ok(Some(t));
         }
         let _guard = self.shared.renewing.lock().await;
         // Someone else may have renewed while we waited.
-        if let Some(t) = self
-            .shared
-            .token
-            .read()
-            .await
-            .as_ref()
-            .filter(|t| usable(t))
-        {
-            return Ok(Some(t.value.clone()));
+        if let Some(t) = held().await {
+            return Ok(Some(t));
         }
         let token = self.authenticate(username, password).await?;
         let value = token.value.clone();

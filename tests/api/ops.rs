@@ -139,6 +139,15 @@ async fn readiness_is_503_when_postgres_is_unreachable() {
     assert_problem(r, 503, "database-unavailable").await;
 }
 
+/// How many times credsync authenticated at the simulator.
+async fn authentications(app: &TestApp) -> usize {
+    app.sim_requests()
+        .await
+        .iter()
+        .filter(|(_, p)| p == "/api/authenticate")
+        .count()
+}
+
 #[tokio::test]
 async fn credsync_renews_its_leaf_token_before_expiry_and_after_a_revocation() {
     let mut opts = AppOptions::default();
@@ -151,12 +160,7 @@ async fn credsync_renews_its_leaf_token_before_expiry_and_after_a_revocation() {
     );
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(app.get(user, "credentials:read").await.status(), 200);
-    let auths = app
-        .sim_requests()
-        .await
-        .iter()
-        .filter(|(_, p)| p == "/api/authenticate")
-        .count();
+    let auths = authentications(&app).await;
     assert_eq!(auths, 2, "renewed ahead of expiry");
     let r = app.sim_post("/__sim/tokens/revoke", json!({})).await;
     assert_eq!(r.status(), 204);
@@ -167,12 +171,7 @@ async fn credsync_renews_its_leaf_token_before_expiry_and_after_a_revocation() {
         "leaf",
         "re-authenticated and retried once"
     );
-    let auths = app
-        .sim_requests()
-        .await
-        .iter()
-        .filter(|(_, p)| p == "/api/authenticate")
-        .count();
+    let auths = authentications(&app).await;
     assert_eq!(auths, 3);
     // Requests refused together (the token revoked under them, here while Leaf is slow) renew
     // it once: the first to renew authenticates, the others take its token.
@@ -188,12 +187,7 @@ async fn credsync_renews_its_leaf_token_before_expiry_and_after_a_revocation() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-credsync-source"], "leaf");
     }
-    let auths = app
-        .sim_requests()
-        .await
-        .iter()
-        .filter(|(_, p)| p == "/api/authenticate")
-        .count();
+    let auths = authentications(&app).await;
     assert_eq!(auths, 4, "one renewal for the six refused reads");
 }
 
