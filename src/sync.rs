@@ -195,7 +195,7 @@ impl Syncer {
             self.actor(),
         )
         .await
-        .map_err(|_| LeafError::Unavailable(crate::leaf::Unavailable::Garbage))?;
+        .map_err(|e| not_stored(user, &e))?;
         let mut page = 0;
         loop {
             let got = {
@@ -443,7 +443,7 @@ impl Syncer {
             actor,
         )
         .await
-        .map_err(|_| LeafError::Unavailable(crate::leaf::Unavailable::Garbage))?;
+        .map_err(|e| not_stored(user, &e))?;
         audit::record_logged(
             &gw.db,
             &Entry {
@@ -687,6 +687,21 @@ impl Syncer {
             }
         }
     }
+}
+
+/// Leaf answered, but its answer could not be stored (the stored secrets do not open, the
+/// database failed): logged for what it is, then retried like an unreadable answer.
+fn not_stored(user: Uuid, e: &crate::error::ApiError) -> LeafError {
+    // The cause, as the HTTP layer logs an internal error (its answer says only "internal").
+    match e {
+        crate::error::ApiError::Internal(cause) => {
+            tracing::warn!(leaf_user_id = %user, error = %format!("{cause:#}"), "could not store Leaf's answer");
+        }
+        other => {
+            tracing::warn!(leaf_user_id = %user, error = %other, "could not store Leaf's answer")
+        }
+    }
+    LeafError::Unavailable(crate::leaf::Unavailable::Garbage)
 }
 
 fn db_unavailable(e: sqlx::Error) -> LeafError {

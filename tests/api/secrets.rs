@@ -233,3 +233,42 @@ async fn the_worker_logs_leafs_refusal_without_its_text() {
     assert!(!logs.contains(&secret), "the secret is in the logs");
     assert!(!app.dump_all_tables().await.contains(&secret));
 }
+
+/// The worker meeting a row whose envelope does not open (moved from another user's row) says
+/// so in its log, instead of blaming Leaf, and backs off.
+#[tokio::test]
+async fn the_worker_reports_a_row_that_does_not_open_as_such() {
+    let app = spawn_app_with(with_worker(1)).await;
+    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    app.create(alice, &body("alice", "alice0000001")).await;
+    app.create(bob, &body("bob", "bob000000001")).await;
+    sqlx::query(
+        "update credential b set key_id = a.key_id, wrapped_key = a.wrapped_key, secrets = a.secrets
+         from credential a where a.leaf_user_id = $1 and b.leaf_user_id = $2",
+    )
+    .bind(alice)
+    .bind(bob)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    wait_until(
+        "a failed sync of Bob's row",
+        Duration::from_secs(20),
+        || async {
+            app.count_for(
+                "select count(*) from credential where leaf_user_id = $1 and sync_failures > 0",
+                bob,
+            )
+            .await
+                > 0
+        },
+    )
+    .await;
+    let logs = captured_logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("could not store Leaf's answer") && l.contains(&bob.to_string()))
+        .expect("the failure is logged for Bob");
+    assert!(line.contains("cannot open the stored credential"), "{line}");
+    assert!(!logs.contains("alice0000001") && !logs.contains("bob000000001"));
+}
