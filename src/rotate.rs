@@ -202,7 +202,20 @@ pub async fn run(url: &SecretString, keyring: &Keyring, batch: i64) -> anyhow::R
         .key_ids()
         .filter_map(|id| keyring.fingerprint(id).map(|fp| (id.to_owned(), fp)))
         .collect();
-    crate::store::credentials::register_keys(&pool, &keys).await?;
+    let (_, mismatched) = crate::store::credentials::register_keys(&pool, &keys).await?;
+    // As `serve` does: an id whose key material is not the one its data was sealed with would
+    // only count every row under it as unreadable. (Data under ids no longer configured is
+    // reported by the rotation itself.)
+    if !mismatched.is_empty() {
+        return Err(crate::config::ConfigError::new(
+            "CREDSYNC_ENCRYPTION_KEYS",
+            format!(
+                "key id(s) {} do not match the key material stored data was encrypted with",
+                mismatched.join(", ")
+            ),
+        )
+        .into());
+    }
     let totals = rotate(&pool, keyring, batch, |t| {
         eprintln!(
             "rotate: {} re-wrapped, {} already under the active key, {} unreadable",

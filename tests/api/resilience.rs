@@ -425,6 +425,24 @@ async fn serve_refuses_to_start_when_stored_data_needs_a_key_it_does_not_have() 
     // The same id with other key material.
     let err = serve_refuses(&db_url, format!("{KEY_A}:{}", key_b64(0x77))).await;
     assert!(err.contains(KEY_A) && err.contains("do not match"), "{err}");
+    // `keys rotate` refuses it too, before touching a row.
+    let mut env = base_env(&db_url, "http://127.0.0.1:9");
+    env.retain(|(k, _)| k != "CREDSYNC_ENCRYPTION_KEYS");
+    env.push((
+        "CREDSYNC_ENCRYPTION_KEYS".into(),
+        format!("{KEY_A}:{}", key_b64(0x77)),
+    ));
+    let out = run_bin(&["keys", "rotate"], &env).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("CREDSYNC_ENCRYPTION_KEYS") && stderr.contains("do not match"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(&key_b64(0x77)),
+        "key material printed: {stderr}"
+    );
     // Nothing was changed by the refusals: the right key still starts and reads.
     let again = spawn_app_with(keyed(&db_url, key_a())).await;
     Leaf::new(&again.sim_url)
