@@ -36,13 +36,73 @@ pub struct Source {
     file: HashMap<String, String>,
 }
 
+/// Every setting read through [`Source`] (a unit test holds this list equal to the names this
+/// file reads).
+pub const SETTINGS: &[&str] = &[
+    "CREDSYNC_ACTIVE_KEY_ID",
+    "CREDSYNC_CALLER_RPS",
+    "CREDSYNC_DB_MAX_CONNECTIONS",
+    "CREDSYNC_ENCRYPTION_KEYS",
+    "CREDSYNC_EVENTS_RETENTION_DAYS",
+    "CREDSYNC_JWT_AUDIENCE",
+    "CREDSYNC_JWT_HS256_SECRET",
+    "CREDSYNC_JWT_ISSUER",
+    "CREDSYNC_JWT_LEEWAY_SECS",
+    "CREDSYNC_JWT_PUBLIC_KEYS_FILE",
+    "CREDSYNC_LISTEN",
+    "CREDSYNC_LOG_FORMAT",
+    "CREDSYNC_MAX_BODY_BYTES",
+    "CREDSYNC_MIN_DECRYPTION_KEY_ID",
+    "CREDSYNC_REPLICAS",
+    "CREDSYNC_ROW_CACHE_TTL_MS",
+    "CREDSYNC_SYNC_CONCURRENCY",
+    "CREDSYNC_SYNC_INTERVAL_SECS",
+    "CREDSYNC_SYNC_LEASE_SECS",
+    "DATABASE_URL",
+    "LEAF_API_URL",
+    "LEAF_MAX_RPS",
+    "LEAF_PASSWORD",
+    "LEAF_TIMEOUT_MS",
+    "LEAF_TOKEN",
+    "LEAF_USERNAME",
+    "LEAF_WEBHOOK_SECRET",
+];
+
+/// The keys of a config file that name no setting (typos, a `credsync_` prefix kept...):
+/// they would be ignored without a word.
+fn unknown_keys(file: &HashMap<String, String>) -> Vec<&str> {
+    let mut unknown: Vec<&str> = file
+        .keys()
+        .map(String::as_str)
+        .filter(|k| {
+            !SETTINGS.iter().any(|name| {
+                let lower = name.to_ascii_lowercase();
+                lower.strip_prefix("credsync_").unwrap_or(&lower) == *k
+                    || (!lower.starts_with("credsync_") && lower == *k)
+            })
+        })
+        .collect();
+    unknown.sort_unstable();
+    unknown
+}
+
 impl Source {
-    /// The process environment, plus `config_file` if given.
+    /// The process environment, plus `config_file` if given. A key of the file that names no
+    /// setting is reported on stderr (and otherwise ignored).
     pub fn from_env(config_file: Option<&Path>) -> Result<Source, ConfigError> {
         let env = std::env::vars().collect();
         let file = match config_file {
             None => HashMap::new(),
-            Some(path) => read_toml(path)?,
+            Some(path) => {
+                let file = read_toml(path)?;
+                for key in unknown_keys(&file) {
+                    eprintln!(
+                        "credsync: warning: {}: `{key}` is not a setting; ignored",
+                        path.display()
+                    );
+                }
+                file
+            }
         };
         Ok(Source { env, file })
     }
@@ -435,6 +495,53 @@ pub fn log_format(src: &Source) -> Result<LogFormat, ConfigError> {
 mod tests {
     use super::*;
     use base64::Engine as _;
+
+    #[test]
+    fn the_settings_list_is_every_name_this_file_reads() {
+        // Every `"NAME"` literal of upper-case letters, digits and underscores that looks like
+        // a setting: a name this file reads.
+        let source = include_str!("config.rs");
+        let name_char = |b: u8| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_';
+        let mut read: Vec<&str> = source
+            .match_indices('"')
+            .filter_map(|(at, _)| {
+                let rest = &source[at + 1..];
+                let len = rest.bytes().take_while(|b| name_char(*b)).count();
+                (rest.as_bytes().get(len) == Some(&b'"')).then(|| &rest[..len])
+            })
+            .filter(|lit| {
+                !lit.ends_with('_')
+                    && ["CREDSYNC_", "LEAF_", "DATABASE_"]
+                        .iter()
+                        .any(|p| lit.starts_with(p))
+            })
+            .collect();
+        read.sort_unstable();
+        read.dedup();
+        let mut listed = SETTINGS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(read, listed);
+    }
+
+    #[test]
+    fn config_file_keys_that_name_no_setting_are_found() {
+        let file: HashMap<String, String> = [
+            "listen",
+            "database_url",
+            "leaf_api_url",
+            "sync_interval_secs",
+            "credsync_max_body_bytes",
+            "max_body_byte",
+            "api_url",
+        ]
+        .iter()
+        .map(|k| ((*k).to_owned(), String::new()))
+        .collect();
+        assert_eq!(
+            unknown_keys(&file),
+            ["api_url", "credsync_max_body_bytes", "max_body_byte"]
+        );
+    }
 
     fn base() -> Vec<(&'static str, String)> {
         vec![

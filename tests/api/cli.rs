@@ -203,3 +203,32 @@ fn token_mint_refuses_a_sub_the_service_would_refuse() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("--sub"));
     }
 }
+
+#[test]
+fn a_config_file_key_that_names_no_setting_is_reported_and_ignored() {
+    let dir = std::env::temp_dir().join(format!("credsync-cfg-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("credsync.toml");
+    std::fs::write(
+        &file,
+        "jwt_hs256_secret = \"super-secret-jwt-value-123\"\njwt_audiance = \"typo\"\n",
+    )
+    .unwrap();
+    let out = credsync()
+        .args(["--config", file.to_str().unwrap()])
+        .args(["token", "mint", "--sub", "svc", "--scope", "status:read"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!out.stdout.is_empty(), "a token is printed");
+    assert!(
+        stderr.contains("`jwt_audiance` is not a setting"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("jwt_hs256_secret") && !stderr.contains("super-secret"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
