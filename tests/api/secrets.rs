@@ -132,6 +132,19 @@ async fn no_secret_value_appears_in_answers_logs_metrics_or_tables() {
     }
 }
 
+/// Put `from`'s envelope on `to`'s row (an attacker with write access to the table).
+async fn move_envelope(app: &TestApp, from: Uuid, to: Uuid) {
+    sqlx::query(
+        "update credential b set key_id = a.key_id, wrapped_key = a.wrapped_key, secrets = a.secrets
+         from credential a where a.leaf_user_id = $1 and b.leaf_user_id = $2",
+    )
+    .bind(from)
+    .bind(to)
+    .execute(&app.db)
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_ciphertext_moved_onto_another_users_row_does_not_decrypt() {
     let app = spawn_app().await;
@@ -139,16 +152,8 @@ async fn a_ciphertext_moved_onto_another_users_row_does_not_decrypt() {
     app.create(alice, &body("alice", "alice0000000")).await;
     app.create(bob, &body("bob", "bob000000000")).await;
     app.fault(json!({"fixedStatus": 503})).await;
-    // Bob's row gets Alice's envelope (an attacker with write access to the table).
-    sqlx::query(
-        "update credential b set key_id = a.key_id, wrapped_key = a.wrapped_key, secrets = a.secrets
-         from credential a where a.leaf_user_id = $1 and b.leaf_user_id = $2",
-    )
-    .bind(alice)
-    .bind(bob)
-    .execute(&app.db)
-    .await
-    .unwrap();
+    // Bob's row gets Alice's envelope.
+    move_envelope(&app, alice, bob).await;
     let r = app.get(bob, "credentials:reveal").await;
     assert_eq!(r.status(), 500);
     let text = r.text().await.unwrap();
@@ -242,15 +247,7 @@ async fn the_worker_reports_a_row_that_does_not_open_as_such() {
     let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
     app.create(alice, &body("alice", "alice0000001")).await;
     app.create(bob, &body("bob", "bob000000001")).await;
-    sqlx::query(
-        "update credential b set key_id = a.key_id, wrapped_key = a.wrapped_key, secrets = a.secrets
-         from credential a where a.leaf_user_id = $1 and b.leaf_user_id = $2",
-    )
-    .bind(alice)
-    .bind(bob)
-    .execute(&app.db)
-    .await
-    .unwrap();
+    move_envelope(&app, alice, bob).await;
     wait_until(
         "a failed sync of Bob's row",
         Duration::from_secs(20),
