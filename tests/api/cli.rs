@@ -9,6 +9,17 @@ fn credsync() -> Command {
     c
 }
 
+/// The binary with a usable JWT secret and encryption key, and nothing else configured.
+fn with_keys() -> Command {
+    let mut c = credsync();
+    c.env("CREDSYNC_JWT_HS256_SECRET", "super-secret-jwt-value-123")
+        .env(
+            "CREDSYNC_ENCRYPTION_KEYS",
+            "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        );
+    c
+}
+
 #[test]
 fn every_command_has_help() {
     for args in [
@@ -39,15 +50,7 @@ fn bad_usage_exits_2() {
 
 #[test]
 fn a_missing_setting_exits_2_naming_it_without_printing_secrets() {
-    let out = credsync()
-        .arg("serve")
-        .env("CREDSYNC_JWT_HS256_SECRET", "super-secret-jwt-value-123")
-        .env(
-            "CREDSYNC_ENCRYPTION_KEYS",
-            "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-        )
-        .output()
-        .unwrap();
+    let out = with_keys().arg("serve").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("DATABASE_URL"), "{err}");
@@ -172,14 +175,9 @@ fn a_malformed_database_url_exits_2_naming_it_without_the_password() {
             &["keys", "rotate"],
             &["sync", "--once"],
         ] {
-            let out = credsync()
+            let out = with_keys()
                 .args(command)
                 .env("DATABASE_URL", url)
-                .env("CREDSYNC_JWT_HS256_SECRET", "super-secret-jwt-value-123")
-                .env(
-                    "CREDSYNC_ENCRYPTION_KEYS",
-                    "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-                )
                 .output()
                 .unwrap();
             let err = String::from_utf8_lossy(&out.stderr);

@@ -269,15 +269,17 @@ impl TestApp {
     }
 
     /// The `/metrics` text.
-    pub async fn metrics(&self) -> String {
+    /// GET a route that needs no token (`/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`).
+    pub async fn get_open(&self, path: &str) -> reqwest::Response {
         self.client
-            .get(format!("{}/metrics", self.address))
+            .get(format!("{}{path}", self.address))
             .send()
             .await
             .unwrap()
-            .text()
-            .await
-            .unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.get_open("/metrics").await.text().await.unwrap()
     }
 
     pub async fn sim_put(&self, path: &str, body: Value) -> reqwest::Response {

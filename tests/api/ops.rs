@@ -8,19 +8,9 @@ use crate::helpers::*;
 #[tokio::test]
 async fn health_readiness_metrics_and_openapi_answer_without_a_token() {
     let app = spawn_app().await;
-    let r = app
-        .client
-        .get(format!("{}/healthz", app.address))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get_open("/healthz").await;
     assert_eq!(r.status(), 200);
-    let r = app
-        .client
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get_open("/readyz").await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["database"], "ok");
@@ -42,12 +32,7 @@ async fn health_readiness_metrics_and_openapi_answer_without_a_token() {
         text.contains(r#"route="/services/usermanagement/api/users/{leafUserId}/{segment}""#),
         "routes are labelled by pattern"
     );
-    let r = app
-        .client
-        .get(format!("{}/openapi.yaml", app.address))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get_open("/openapi.yaml").await;
     assert_eq!(r.status(), 200);
     let doc = r.text().await.unwrap();
     assert_eq!(
@@ -127,12 +112,7 @@ async fn readiness_is_503_when_postgres_is_unreachable() {
         ..without_migrations()
     })
     .await;
-    let r = app
-        .client
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get_open("/readyz").await;
     assert_eq!(r.status(), 503);
     let r = app.get(Uuid::new_v4(), ALL_SCOPES).await;
     assert!(r.headers().get("retry-after").is_some());
@@ -207,15 +187,7 @@ async fn leaf_refusing_credsyncs_own_credentials_is_never_the_callers_401() {
     let r = app.get(user, "credentials:read").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-credsync-source"], "cache");
-    let v: Value = app
-        .client
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = app.get_open("/readyz").await.json().await.unwrap();
     assert_eq!(v["leaf"]["authenticated"], false);
 }
 
@@ -261,12 +233,7 @@ async fn oversized_headers_are_refused() {
 async fn no_migrate_on_an_empty_database_serves_and_is_ready_once_migrated() {
     let app = spawn_app_with(without_migrations()).await;
     let readyz = || async {
-        let r = app
-            .client
-            .get(format!("{}/readyz", app.address))
-            .send()
-            .await
-            .unwrap();
+        let r = app.get_open("/readyz").await;
         (r.status().as_u16(), r.json::<Value>().await.unwrap())
     };
     let (status, ready) = readyz().await;

@@ -624,13 +624,7 @@ async fn rotating_while_serve_runs_loses_nothing_and_leaves_nothing_behind() {
 // Postgres outage
 
 async fn status_of(app: &TestApp, path: &str) -> u16 {
-    app.client
-        .get(format!("{}{path}", app.address))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    app.get_open(path).await.status().as_u16()
 }
 
 async fn assert_db_unavailable(resp: reqwest::Response) {
@@ -689,12 +683,7 @@ async fn a_postgres_outage_answers_503_and_the_same_process_recovers_by_itself()
     assert_db_unavailable(app.delete(user, ALL_SCOPES).await).await;
     assert_db_unavailable(app.get_path("/v1/credentials", "status:read").await).await;
     assert_eq!(status_of(&app, "/healthz").await, 200);
-    let r = app
-        .client
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get_open("/readyz").await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(r.json::<Value>().await.unwrap()["database"], "unavailable");
