@@ -68,18 +68,24 @@ pub const SETTINGS: &[&str] = &[
     "LEAF_WEBHOOK_SECRET",
 ];
 
-/// The keys of a config file that name no setting (typos, a `credsync_` prefix kept...):
-/// they would be ignored without a word.
+/// The keys a config file may give setting `name` (an environment variable name): in lower
+/// case without the `CREDSYNC_` prefix, or in lower case whole.
+fn file_keys(name: &str) -> [String; 2] {
+    let lower = name.to_ascii_lowercase();
+    let short = lower.strip_prefix("credsync_").unwrap_or(&lower).to_owned();
+    [short, lower]
+}
+
+/// The keys of a config file that name no setting (typos...): they would be ignored without a
+/// word.
 fn unknown_keys(file: &HashMap<String, String>) -> Vec<&str> {
     let mut unknown: Vec<&str> = file
         .keys()
         .map(String::as_str)
         .filter(|k| {
-            !SETTINGS.iter().any(|name| {
-                let lower = name.to_ascii_lowercase();
-                lower.strip_prefix("credsync_").unwrap_or(&lower) == *k
-                    || (!lower.starts_with("credsync_") && lower == *k)
-            })
+            !SETTINGS
+                .iter()
+                .any(|name| file_keys(name).iter().any(|f| f == k))
         })
         .collect();
     unknown.sort_unstable();
@@ -129,10 +135,9 @@ impl Source {
         if let Some(v) = self.env.get(name) {
             return Some(v.clone());
         }
-        let lower = name.to_ascii_lowercase();
-        let short = lower.strip_prefix("credsync_").unwrap_or(&lower);
+        let [short, lower] = file_keys(name);
         self.file
-            .get(short)
+            .get(&short)
             .or_else(|| self.file.get(&lower))
             .cloned()
     }
@@ -537,10 +542,14 @@ mod tests {
         .iter()
         .map(|k| ((*k).to_owned(), String::new()))
         .collect();
-        assert_eq!(
-            unknown_keys(&file),
-            ["api_url", "credsync_max_body_bytes", "max_body_byte"]
-        );
+        // `credsync_max_body_bytes` is the whole name in lower case, which `Source::get` reads.
+        assert_eq!(unknown_keys(&file), ["api_url", "max_body_byte"]);
+        let source = Source {
+            env: HashMap::new(),
+            file,
+        };
+        assert!(source.get("CREDSYNC_MAX_BODY_BYTES").is_some());
+        assert!(source.get("CREDSYNC_LISTEN").is_some());
     }
 
     fn base() -> Vec<(&'static str, String)> {
