@@ -317,6 +317,20 @@ fn is_undefined_table(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01"))
 }
 
+/// The refusal of configured key ids whose material is not the one their stored data was
+/// sealed with (`serve` and `keys rotate` both refuse to start on it); `None` when there are none.
+pub(crate) fn mismatched_keys(ids: &[String]) -> Option<crate::config::ConfigError> {
+    (!ids.is_empty()).then(|| {
+        crate::config::ConfigError::new(
+            "CREDSYNC_ENCRYPTION_KEYS",
+            format!(
+                "key id(s) {} do not match the key material stored data was encrypted with",
+                ids.join(", ")
+            ),
+        )
+    })
+}
+
 /// Every key id referenced by stored data must be configured, with the same key material.
 async fn check_keys(db: &sqlx::PgPool, keyring: &Keyring) -> anyhow::Result<KeyCheck> {
     let keys: Vec<(String, [u8; 16])> = keyring
@@ -330,12 +344,8 @@ async fn check_keys(db: &sqlx::PgPool, keyring: &Keyring) -> anyhow::Result<KeyC
         }
         Err(e) => return Err(e.into()),
     };
-    if !mismatched.is_empty() {
-        return Err(StartupError(format!(
-            "CREDSYNC_ENCRYPTION_KEYS: key id(s) {} do not match the key material stored data was encrypted with",
-            mismatched.join(", ")
-        ))
-        .into());
+    if let Some(refused) = mismatched_keys(&mismatched) {
+        return Err(StartupError(refused.to_string()).into());
     }
     if !missing.is_empty() {
         return Err(StartupError(format!(

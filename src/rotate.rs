@@ -206,15 +206,8 @@ pub async fn run(url: &SecretString, keyring: &Keyring, batch: i64) -> anyhow::R
     // As `serve` does: an id whose key material is not the one its data was sealed with would
     // only count every row under it as unreadable. (Data under ids no longer configured is
     // reported by the rotation itself.)
-    if !mismatched.is_empty() {
-        return Err(crate::config::ConfigError::new(
-            "CREDSYNC_ENCRYPTION_KEYS",
-            format!(
-                "key id(s) {} do not match the key material stored data was encrypted with",
-                mismatched.join(", ")
-            ),
-        )
-        .into());
+    if let Some(refused) = crate::app::mismatched_keys(&mismatched) {
+        return Err(refused.into());
     }
     let totals = rotate(&pool, keyring, batch, |t| {
         eprintln!(
