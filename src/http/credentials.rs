@@ -25,21 +25,21 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(get))
             .route(web::delete().to(delete))
             .default_service(web::to(|path: web::Path<(String, String)>| {
-                method_not_allowed(path, "GET, POST, DELETE")
+                method_not_allowed(path, "GET, HEAD, POST, DELETE")
             })),
     )
     .service(
         web::resource(format!("{BASE}/status"))
             .route(web::get().to(status))
             .default_service(web::to(|path: web::Path<(String, String)>| {
-                method_not_allowed(path, "GET")
+                method_not_allowed(path, "GET, HEAD")
             })),
     )
     .service(
         web::resource(format!("{BASE}/events"))
             .route(web::get().to(events))
             .default_service(web::to(|path: web::Path<(String, String)>| {
-                method_not_allowed(path, "GET")
+                method_not_allowed(path, "GET, HEAD")
             })),
     );
 }

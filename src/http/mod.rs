@@ -130,9 +130,9 @@ fn record_http_metrics(route: String, method: &'static str, status: u16, elapsed
     });
 }
 
-/// Request id, access log and HTTP metrics for every request.
+/// Request id, access log and HTTP metrics for every request; HEAD served as GET.
 async fn request_context(
-    req: ServiceRequest,
+    mut req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let id = req
@@ -142,6 +142,11 @@ async fn request_context(
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
     let method = method_label(req.method());
+    // HEAD is GET without the body (RFC 9110 §9.3.2): routed as GET, and actix-http leaves the
+    // body out of the answer to a HEAD request itself (Content-Length kept).
+    if req.method() == actix_web::http::Method::HEAD {
+        req.head_mut().method = actix_web::http::Method::GET;
+    }
     let started = Instant::now();
     // The route is known once the request was routed (below, without matching the path again).
     let span = tracing::info_span!("request", request_id = %id, method);
@@ -181,11 +186,11 @@ pub(crate) fn method_not_allowed(allow: &'static str) -> actix_web::Route {
     )
 }
 
-/// A path that answers GET only (405 with `Allow: GET` otherwise).
+/// A path that answers GET (and HEAD) only (405 with `Allow: GET, HEAD` otherwise).
 pub(crate) fn get_only(path: &str, route: actix_web::Route) -> actix_web::Resource {
     web::resource(path)
         .route(route)
-        .default_service(method_not_allowed("GET"))
+        .default_service(method_not_allowed("GET, HEAD"))
 }
 
 /// All routes.

@@ -268,7 +268,6 @@ impl TestApp {
             .unwrap()
     }
 
-    /// The `/metrics` text.
     /// GET a route that needs no token (`/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`).
     pub async fn get_open(&self, path: &str) -> reqwest::Response {
         self.client
@@ -278,6 +277,7 @@ impl TestApp {
             .unwrap()
     }
 
+    /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
         self.get_open("/metrics").await.text().await.unwrap()
     }

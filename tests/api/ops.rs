@@ -41,6 +41,59 @@ async fn health_readiness_metrics_and_openapi_answer_without_a_token() {
     );
 }
 
+#[tokio::test]
+async fn head_is_get_without_the_body() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    app.create(user, &body("c", "headheadhead")).await;
+    for (path, auth) in [
+        ("/healthz".to_owned(), false),
+        ("/openapi.yaml".to_owned(), false),
+        ("/v1/credentials/summary".to_owned(), true),
+        (
+            format!("/services/usermanagement/api/users/{user}/climate-field-view-credentials"),
+            true,
+        ),
+    ] {
+        let get = app.client.get(format!("{}{path}", app.address));
+        let head = app.client.head(format!("{}{path}", app.address));
+        let (get, head) = if auth {
+            (
+                get.bearer_auth(token(ALL_SCOPES)),
+                head.bearer_auth(token(ALL_SCOPES)),
+            )
+        } else {
+            (get, head)
+        };
+        let get = get.send().await.unwrap();
+        let head = head.send().await.unwrap();
+        assert_eq!(head.status(), 200, "HEAD {path}");
+        assert_eq!(
+            head.headers()["content-type"],
+            get.headers()["content-type"],
+            "{path}"
+        );
+        assert_eq!(head.text().await.unwrap(), "", "HEAD {path} has no body");
+        assert_eq!(get.status(), 200);
+    }
+    // A path without GET refuses HEAD too; one with GET lists HEAD beside it.
+    let r = app
+        .client
+        .head(format!("{}/v1/sync", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+    let r = app
+        .client
+        .put(format!("{}/healthz", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["allow"], "GET, HEAD");
+}
+
 /// The value of one sample of `/metrics`, e.g. `credsync_credentials{status="OK"}`.
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| {
