@@ -949,11 +949,19 @@ pub async fn begin_delete(
     .bind(provider)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("delete from outbox where leaf_user_id = $1 and provider = $2")
-        .bind(user)
-        .bind(provider)
-        .execute(&mut *tx)
-        .await?;
+    // The cached status history and events go with the secret, whatever Leaf answers next
+    // (SPEC §5): a delete still pending at Leaf shows none of them either.
+    for sql in [
+        "delete from outbox where leaf_user_id = $1 and provider = $2",
+        "delete from status_history where leaf_user_id = $1 and provider = $2",
+        "delete from event where leaf_user_id = $1 and provider = $2",
+    ] {
+        sqlx::query(sql)
+            .bind(user)
+            .bind(provider)
+            .execute(&mut *tx)
+            .await?;
+    }
     sqlx::query(
         "insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
          values ($1, $2, 'delete', now() + make_interval(secs => $3), $4, $5)",

@@ -15,7 +15,9 @@ pub struct Event {
     pub body: String,
 }
 
-/// Insert or refresh events (deduplicated by id). Returns how many were new.
+/// Insert or refresh events (deduplicated by id). Returns how many were new. Only for a
+/// credential that is held and not being deleted: a sync that read Leaf's events before a
+/// delete began must not bring them back (the row lock waits for the delete's transaction).
 pub async fn upsert(
     pool: &PgPool,
     user: Uuid,
@@ -33,6 +35,8 @@ pub async fn upsert(
     let res = sqlx::query(
         "insert into event (leaf_user_id, provider, id, created_date, status_code, headers, body)
          select $1, $2, * from unnest($3::text[], $4::timestamptz[], $5::int[], $6::text[], $7::text[])
+         where exists (select 1 from credential where leaf_user_id = $1 and provider = $2
+                       and sync_state <> 'DELETE_PENDING' for share)
          on conflict (leaf_user_id, provider, id) do nothing",
     )
     .bind(user)

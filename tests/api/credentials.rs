@@ -556,6 +556,108 @@ async fn writes_are_queued_with_202_when_leaf_is_down() {
     assert!(p["detail"].as_str().unwrap().contains("delete"));
 }
 
+/// SPEC §5: "Cached status, status history and events for the user are deleted with it" —
+/// at once, also when the delete is still pending at Leaf; and a sync that read Leaf's events
+/// before the delete began cannot bring them back.
+#[tokio::test]
+async fn a_pending_delete_takes_the_history_and_events_with_it_at_once() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    let other = Uuid::new_v4();
+    let base =
+        |u: Uuid| format!("/services/usermanagement/api/users/{u}/climate-field-view-credentials");
+    for u in [user, other] {
+        assert_eq!(
+            app.create(u, &body("cid", "pendingdel00")).await.status(),
+            201
+        );
+        app.sim_post(
+            &format!("/__sim/users/{u}/climate-field-view-credentials/events"),
+            json!({"generate": 3, "statusCode": 401, "start": "2026-10-01T00:00:00Z", "stepSecs": 60}),
+        )
+        .await;
+        app.sim_put(
+            &format!("/__sim/users/{u}/climate-field-view-credentials/status"),
+            json!({"status": "UNAUTHENTICATED"}),
+        )
+        .await;
+        assert_eq!(
+            app.get_path(&format!("{}/events", base(u)), "status:read")
+                .await
+                .status(),
+            200
+        );
+        assert_eq!(
+            app.get_path(&format!("{}/status", base(u)), "status:read")
+                .await
+                .status(),
+            200
+        );
+    }
+    let history = |u: Uuid| {
+        let app = &app;
+        async move {
+            let v: Value = app
+                .get_path(&format!("/v1/users/{u}/status-history"), "status:read")
+                .await
+                .json()
+                .await
+                .unwrap();
+            v["items"].as_array().unwrap().len()
+        }
+    };
+    let events = |u: Uuid| {
+        let app = &app;
+        async move {
+            let v: Value = app
+                .get_path(&format!("/v1/events?leafUserId={u}"), "status:read")
+                .await
+                .json()
+                .await
+                .unwrap();
+            v["items"].as_array().unwrap().len()
+        }
+    };
+    // The simulator logs the create itself as an event too.
+    let held = events(user).await;
+    assert!(held > 3, "{held}");
+    assert_eq!(history(user).await, 2);
+    app.fault(json!({"fixedStatus": 503, "method": "DELETE"}))
+        .await;
+    let r = app.delete(user, "credentials:delete").await;
+    assert_eq!(r.status(), 202);
+    assert_eq!((history(user).await, events(user).await), (0, 0));
+    assert_eq!(
+        app.count_for("select count(*) from event where leaf_user_id = $1", user)
+            .await,
+        0
+    );
+    // A sync's events arriving now are not stored for the credential being deleted.
+    let late = credsync::store::events::Event {
+        id: "late".into(),
+        created_date: time::OffsetDateTime::now_utc(),
+        status_code: 200,
+        headers: String::new(),
+        body: String::new(),
+    };
+    let stored = credsync::store::events::upsert(
+        &app.db,
+        user,
+        "climate-field-view",
+        std::slice::from_ref(&late),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stored, 0);
+    assert_eq!(events(user).await, 0);
+    // The other user keeps everything, and takes new events.
+    assert_eq!((history(other).await, events(other).await), (2, held));
+    let stored = credsync::store::events::upsert(&app.db, other, "climate-field-view", &[late])
+        .await
+        .unwrap();
+    assert_eq!(stored, 1);
+}
+
 /// SPEC §4: "a body that is not what Leaf sends" is Leaf unavailable, for a DELETE too (Leaf
 /// answers 204 with no body): the delete is queued, not counted as done.
 #[tokio::test]
