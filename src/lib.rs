@@ -24,6 +24,7 @@ pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod leaf;
+pub mod paging;
 pub mod pgtemp;
 pub mod rotate;
 pub mod rowcache;

@@ -452,7 +452,7 @@ async fn events(
             .ok_or_else(|| ApiError::Validation("size must be an integer of at least 1".into()))?,
     };
     let ascending = match q.sort.as_deref() {
-        None | Some("createdDate,desc") | Some("createdDate") => false,
+        None | Some("createdDate,desc") => false,
         Some("createdDate,asc") => true,
         Some(_) => {
             return Err(ApiError::Validation(
@@ -470,6 +470,18 @@ async fn events(
     if let Ok(v) = HeaderValue::from_str(&total.to_string()) {
         resp.headers_mut()
             .insert(header::HeaderName::from_static("x-total-count"), v);
+    }
+    // Leaf's `Link` (next, prev, last, first), pointing at this route.
+    let conn = req.connection_info();
+    let base = format!("{}://{}{}", conn.scheme(), conn.host(), req.path());
+    let kept: Vec<(String, String)> =
+        web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+            .map(web::Query::into_inner)
+            .unwrap_or_default();
+    let total = u64::try_from(total).unwrap_or(0);
+    let link = crate::paging::link_header(&base, &kept, page.into(), size.into(), total);
+    if let Ok(v) = HeaderValue::from_str(&link) {
+        resp.headers_mut().insert(header::LINK, v);
     }
     Ok(with_source(resp, source))
 }

@@ -434,7 +434,6 @@ async fn summary(st: web::Data<AppState>, who: Authed) -> Result<HttpResponse, A
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct TransitionOut<'a> {
-    provider: &'a str,
     from: Option<&'a str>,
     to: &'a str,
     at: Canonical,
@@ -463,7 +462,6 @@ async fn status_history(
     let mut body = PageBody::new(limit);
     let end = query::status_history(&st.gateway.db, user, after, limit, |r| {
         body.push(&TransitionOut {
-            provider: &r.provider,
             from: r.from_status.as_deref(),
             to: &r.to_status,
             at: Canonical(r.at),
@@ -552,7 +550,6 @@ struct AuditOut<'a> {
     actor: &'a str,
     action: &'a str,
     leaf_user_id: Option<Uuid>,
-    provider: Option<&'a str>,
     outcome: &'a str,
     request_id: Option<&'a str>,
     detail: Option<&'a str>,
@@ -611,7 +608,6 @@ async fn list_audit(
             actor: &r.actor,
             action: &r.action,
             leaf_user_id: r.leaf_user_id,
-            provider: r.provider.as_deref(),
             outcome: &r.outcome,
             request_id: r.request_id.as_deref(),
             detail: r.detail.as_deref(),

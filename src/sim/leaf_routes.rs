@@ -189,19 +189,6 @@ fn paging(q: &[(String, String)]) -> (usize, usize) {
     (page, size)
 }
 
-fn encode_query_part(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(char::from(b));
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
 /// JHipster's `Link` header (next, prev, last, first), other query parameters kept.
 fn link_header(
     req: &HttpRequest,
@@ -212,23 +199,7 @@ fn link_header(
 ) -> String {
     let conn = req.connection_info();
     let base = format!("{}://{}{}", conn.scheme(), conn.host(), req.path());
-    let kept: String = q
-        .iter()
-        .filter(|(k, _)| k != "page" && k != "size")
-        .map(|(k, v)| format!("{}={}&", encode_query_part(k), encode_query_part(v)))
-        .collect();
-    let link = |p: usize, rel: &str| format!("<{base}?{kept}page={p}&size={size}>; rel=\"{rel}\"");
-    let total_pages = total.div_ceil(size);
-    let mut parts = Vec::with_capacity(4);
-    if page + 1 < total_pages {
-        parts.push(link(page + 1, "next"));
-    }
-    if page > 0 {
-        parts.push(link(page - 1, "prev"));
-    }
-    parts.push(link(total_pages.saturating_sub(1), "last"));
-    parts.push(link(0, "first"));
-    parts.join(",")
+    crate::paging::link_header(&base, q, page as u64, size as u64, total as u64)
 }
 
 fn paged(

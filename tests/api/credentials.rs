@@ -366,7 +366,30 @@ async fn events_are_leaf_shaped_paged_and_cached() {
         .get_path(&format!("{path}?size=500"), "status:read")
         .await;
     assert_eq!(r.json::<Vec<Value>>().await.unwrap().len(), 31);
-    for bad in ["size=0", "size=x", "page=-1", "sort=id,desc"] {
+    // Leaf's paging headers, for this route.
+    let r = app
+        .get_path(
+            &format!("{path}?page=1&size=10&sort=createdDate,asc"),
+            "status:read",
+        )
+        .await;
+    assert_eq!(r.headers()["x-total-count"], "31");
+    let link = r.headers()["link"].to_str().unwrap().to_owned();
+    let url = format!("{}{path}?sort=createdDate%2Casc&", app.address);
+    assert_eq!(
+        link,
+        format!(
+            "<{url}page=2&size=10>; rel=\"next\",<{url}page=0&size=10>; rel=\"prev\",\
+             <{url}page=3&size=10>; rel=\"last\",<{url}page=0&size=10>; rel=\"first\""
+        )
+    );
+    for bad in [
+        "size=0",
+        "size=x",
+        "page=-1",
+        "sort=id,desc",
+        "sort=createdDate",
+    ] {
         assert_problem(
             app.get_path(&format!("{path}?{bad}"), "status:read").await,
             400,

@@ -722,13 +722,13 @@ async fn status_history_lists_a_users_transitions_newest_first_and_pages() {
     assert_eq!(items.len(), 4);
     assert_eq!(
         items[0],
-        json!({"provider": CFV, "from": "OK", "to": "MISSING_PERMISSION", "at": rfc(same), "source": "alert"})
+        json!({"from": "OK", "to": "MISSING_PERMISSION", "at": rfc(same), "source": "alert"})
     );
     assert_eq!(items[1]["to"], "OK");
     assert_eq!(items[2]["source"], "sync");
     assert_eq!(
         items[3],
-        json!({"provider": CFV, "from": null, "to": "OK", "at": rfc(t), "source": "request"})
+        json!({"from": null, "to": "OK", "at": rfc(t), "source": "request"})
     );
     let paged = walk(&app, &format!("/v1/users/{user}/status-history"), 2).await;
     assert_eq!(paged, items);
@@ -994,6 +994,27 @@ async fn the_audit_trail_is_newest_first_filtered_and_paged() {
         ]
     );
     let rotate = &all[0];
+    let mut keys: Vec<&str> = rotate
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "action",
+            "actor",
+            "at",
+            "detail",
+            "id",
+            "leafUserId",
+            "outcome",
+            "requestId"
+        ],
+        "the fields SPEC §6 lists, and only those"
+    );
     assert_eq!(rotate["leafUserId"], Value::Null);
     assert_eq!(rotate["actor"], "cli");
     assert_eq!(rotate["outcome"], "success");
