@@ -621,8 +621,13 @@ impl Syncer {
         }
         for _ in 0..50 {
             match work::claim_one(db, &self.owner, self.settings.lease, user, provider.name).await {
-                Ok(true) => return self.sync_leased(provider, user).await != UserOutcome::Failed,
-                Ok(false) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Ok(work::Claim::Claimed) => {
+                    return self.sync_leased(provider, user).await != UserOutcome::Failed;
+                }
+                Ok(work::Claim::Held) => tokio::time::sleep(Duration::from_millis(200)).await,
+                // Deleted or vanished since the run was asked for (e.g. by the worker that
+                // held it): nothing left to sync, and nothing failed.
+                Ok(work::Claim::Gone) => return true,
                 Err(_) => return false,
             }
         }

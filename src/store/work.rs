@@ -99,25 +99,48 @@ pub async fn claim_due(
     .await
 }
 
-/// Claim one credential for an on-demand sync; false when another worker holds it.
+/// What an on-demand sync's claim of one credential found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Leased to us.
+    Claimed,
+    /// Another worker holds its lease.
+    Held,
+    /// No longer synced: gone (deleted, or vanished from Leaf) or its delete is pending.
+    Gone,
+}
+
+/// Claim one SYNCED credential for an on-demand sync.
 pub async fn claim_one(
     pool: &PgPool,
     owner: &str,
     lease: Duration,
     user: Uuid,
     provider: &str,
-) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
-        "update credential set lease_owner = $1, lease_until = now() + make_interval(secs => $2)
-         where leaf_user_id = $3 and provider = $4 and (lease_until is null or lease_until < now() or lease_owner = $1)",
+) -> Result<Claim, sqlx::Error> {
+    let held: Option<bool> = sqlx::query_scalar(
+        "with target as (
+             select leaf_user_id, provider,
+                    lease_until is null or lease_until < now() or lease_owner = $1 as free
+             from credential where leaf_user_id = $3 and provider = $4 and sync_state = 'SYNCED'
+             for update),
+         claimed as (
+             update credential c set lease_owner = $1, lease_until = now() + make_interval(secs => $2)
+             from target t where t.free and c.leaf_user_id = t.leaf_user_id and c.provider = t.provider
+             returning 1)
+         select not free from target",
     )
     .bind(owner)
     .bind(secs(lease))
     .bind(user)
     .bind(provider)
-    .execute(pool)
+    .fetch_optional(pool)
     .await?;
-    Ok(r.rows_affected() == 1)
+    Ok(match held {
+        None => Claim::Gone,
+        Some(true) => Claim::Held,
+        Some(false) => Claim::Claimed,
+    })
 }
 
 /// Release a credential after a sync attempt; it is next due after `next_in`. A successful

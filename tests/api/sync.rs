@@ -169,6 +169,85 @@ async fn a_queued_create_that_leaf_rejects_ends_rejected_and_a_new_post_is_allow
     );
 }
 
+/// The run's state once it is DONE, polled for up to 10 s (the state last seen otherwise).
+async fn finished_run(app: &TestApp, run_id: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = app
+            .get_path(&format!("/v1/sync/runs/{run_id}"), "admin")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if last["state"] == "DONE" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
+async fn start_run(app: &TestApp, users: &[Uuid]) -> String {
+    let r = app
+        .client
+        .post(format!("{}/v1/sync", app.address))
+        .bearer_auth(token("admin"))
+        .json(&json!({ "leafUserIds": users }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    r.json::<Value>().await.unwrap()["runId"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A credential that another replica holds while it finds it gone from Leaf: the run waits
+/// for the lease, then counts the user attempted, not failed, as soon as the row is gone.
+#[tokio::test]
+async fn an_on_demand_run_counts_a_credential_gone_meanwhile_as_done() {
+    let app = spawn_app().await;
+    let user = Uuid::new_v4();
+    app.create(user, &body("a", "runvanish000")).await;
+    sqlx::query(
+        "update credential set lease_owner = 'other-replica', lease_until = now() + interval '1 minute'
+         where leaf_user_id = $1",
+    )
+    .bind(user)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let run_id = start_run(&app, &[user]).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        app.get_path(&format!("/v1/sync/runs/{run_id}"), "admin")
+            .await
+            .json::<Value>()
+            .await
+            .unwrap()["state"],
+        "RUNNING",
+        "waits for the other replica's lease"
+    );
+    sqlx::query("delete from credential where leaf_user_id = $1")
+        .bind(user)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let last = finished_run(&app, &run_id).await;
+    assert_eq!(last["state"], "DONE", "{last}");
+    assert_eq!(
+        (last["usersDone"].as_i64(), last["usersFailed"].as_i64()),
+        (Some(1), Some(0))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "done once the row was gone, not after the claim's 10 s of retries: {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn an_on_demand_run_syncs_the_named_users_and_refuses_untracked_ones() {
     let app = spawn_app().await;
@@ -203,25 +282,8 @@ async fn an_on_demand_run_syncs_the_named_users_and_refuses_untracked_ones() {
         json!({"status": "UNAUTHENTICATED"}),
     )
     .await;
-    let r = post(json!({"leafUserIds": [a]}), "admin").await.unwrap();
-    assert_eq!(r.status(), 202);
-    let run_id = r.json::<Value>().await.unwrap()["runId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut last = Value::Null;
-    for _ in 0..100 {
-        last = app
-            .get_path(&format!("/v1/sync/runs/{run_id}"), "admin")
-            .await
-            .json()
-            .await
-            .unwrap();
-        if last["state"] == "DONE" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let run_id = start_run(&app, &[a]).await;
+    let last = finished_run(&app, &run_id).await;
     assert_eq!(last["state"], "DONE", "{last}");
     assert_eq!(last["usersTotal"], 1);
     assert_eq!(last["usersDone"], 1);
@@ -241,18 +303,7 @@ async fn an_on_demand_run_syncs_the_named_users_and_refuses_untracked_ones() {
         .as_str()
         .unwrap()
         .to_owned();
-    for _ in 0..100 {
-        last = app
-            .get_path(&format!("/v1/sync/runs/{run_id}"), "admin")
-            .await
-            .json()
-            .await
-            .unwrap();
-        if last["state"] == "DONE" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = finished_run(&app, &run_id).await;
     assert_eq!(last["usersTotal"], 2);
     assert_eq!(last["usersDone"], 2);
     assert_eq!(last["usersFailed"], 2);
