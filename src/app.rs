@@ -44,33 +44,50 @@ pub struct Application {
     server: Option<Server>,
     state: Arc<AppState>,
     worker: Option<crate::sync::WorkerHandle>,
-    /// Set when the key check could not run at start-up (Postgres unreachable): it runs once
-    /// Postgres answers, and a refusal arrives here and stops the service (exit code 2).
-    key_failure: Option<tokio::sync::oneshot::Receiver<StartupError>>,
+    /// Set when the migrations or the key check could not run at start-up (Postgres
+    /// unreachable): they run once Postgres answers, and a failure arrives here and stops the
+    /// service (a [`StartupError`], exit code 2, for a refused key check).
+    key_failure: Option<tokio::sync::oneshot::Receiver<anyhow::Error>>,
 }
 
 impl Application {
-    /// Build everything; binds `settings.listen` (use port 0 in tests).
+    /// Build everything; binds `settings.listen` when it serves HTTP (use port 0 in tests).
     pub async fn build(settings: Settings, opts: RunOptions) -> anyhow::Result<Application> {
-        let listener = TcpListener::bind(&settings.listen).map_err(|e| {
-            StartupError(format!(
-                "CREDSYNC_LISTEN: cannot listen on {}: {e}",
-                settings.listen
-            ))
-        })?;
-        Self::build_with_listener(settings, opts, listener).await
+        let listener = if opts.http {
+            Some(TcpListener::bind(&settings.listen).map_err(|e| {
+                StartupError(format!(
+                    "CREDSYNC_LISTEN: cannot listen on {}: {e}",
+                    settings.listen
+                ))
+            })?)
+        } else {
+            None
+        };
+        Self::build_on(settings, opts, listener).await
     }
 
+    /// Build everything, serving HTTP on `listener`.
     pub async fn build_with_listener(
         settings: Settings,
         opts: RunOptions,
         listener: TcpListener,
     ) -> anyhow::Result<Application> {
+        Self::build_on(settings, opts, Some(listener)).await
+    }
+
+    /// `listener` is `None` for a worker replica (`serve --sync-only`), which serves no HTTP.
+    async fn build_on(
+        settings: Settings,
+        opts: RunOptions,
+        listener: Option<TcpListener>,
+    ) -> anyhow::Result<Application> {
         let verifier = Verifier::new(&settings.jwt).map_err(|e| StartupError(e.to_string()))?;
         let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
         let pools = PoolSplit::new(settings.db_max_connections, opts.http.then_some(workers));
+        // A serving process starts without Postgres: it answers 503 until the deferred
+        // migrations and key check have run.
         let (gateway, keys) =
-            Self::build_gateway_checked(&settings, opts.migrate, pools.background).await?;
+            Self::build_gateway_checked(&settings, opts.migrate, true, pools.background).await?;
         if opts.http && gateway.rows.enabled() {
             // One connection of its own, on top of CREDSYNC_DB_MAX_CONNECTIONS: it is held for
             // good, and the background pool may be a single connection.
@@ -82,11 +99,12 @@ impl Application {
         let keys_checked = Arc::new(AtomicBool::new(keys == KeyCheck::Passed));
         let key_failure = match keys {
             KeyCheck::Passed => None,
-            KeyCheck::Deferred => {
+            KeyCheck::Deferred { migrate } => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                tokio::spawn(deferred_key_check(
+                tokio::spawn(deferred_start(
                     gateway.db.clone(),
                     gateway.keyring.clone(),
+                    migrate,
                     keys_checked.clone(),
                     tx,
                 ));
@@ -104,19 +122,21 @@ impl Application {
             caller_limiter: http::CallerLimiter::new(settings.caller_rps).map(Arc::new),
             keys_checked,
         });
-        let port = listener.local_addr()?.port();
-        let server = if opts.http {
-            Some(http::server(
-                listener,
-                state.clone(),
-                workers,
-                pools.per_worker,
-            )?)
-        } else {
-            drop(listener);
-            None
+        let (port, server) = match listener {
+            Some(listener) if opts.http => (
+                listener.local_addr()?.port(),
+                Some(http::server(
+                    listener,
+                    state.clone(),
+                    workers,
+                    pools.per_worker,
+                )?),
+            ),
+            _ => (0, None),
         };
-        let worker = opts.sync.then(|| crate::sync::spawn(syncer));
+        let worker = opts
+            .sync
+            .then(|| crate::sync::spawn(syncer, state.keys_checked.clone()));
         // Encryption counts are kept in memory on the write path and flushed here.
         let db = state.gateway.db.clone();
         tokio::spawn(async move {
@@ -140,25 +160,42 @@ impl Application {
     /// The pool (migrated when `migrate`), the key check and the Leaf client.
     pub async fn build_gateway(settings: &Settings, migrate: bool) -> anyhow::Result<Gateway> {
         Ok(
-            Self::build_gateway_checked(settings, migrate, settings.db_max_connections)
+            Self::build_gateway_checked(settings, migrate, false, settings.db_max_connections)
                 .await?
                 .0,
         )
     }
 
+    /// With `defer`, migrations that cannot run because Postgres is out of reach are left to
+    /// [`deferred_start`] (a serving process); without, they are retried for about a minute
+    /// (the CLI's commands).
     async fn build_gateway_checked(
         settings: &Settings,
         migrate: bool,
+        defer: bool,
         pool_size: u32,
     ) -> anyhow::Result<(Gateway, KeyCheck)> {
         let db = store::pool(&settings.database_url, pool_size)?;
-        if migrate {
+        let mut migrate_later = false;
+        if migrate && defer {
+            match store::migrate(&db).await {
+                Ok(()) => {}
+                Err(e) if migration_unreachable(&e) => migrate_later = true,
+                Err(e) => return Err(e).context("applying migrations"),
+            }
+        } else if migrate {
             migrate_with_retry(&db).await?;
         }
-        let keys = check_keys(&db, &settings.keyring).await?;
-        if keys == KeyCheck::Deferred {
+        let keys = if migrate_later {
+            KeyCheck::Deferred { migrate: true }
+        } else {
+            check_keys(&db, &settings.keyring).await?
+        };
+        if let KeyCheck::Deferred { migrate } = keys {
             tracing::warn!(
-                "database unreachable or not migrated at start-up: the key check runs once it answers with the schema"
+                migrate,
+                "database unreachable or not migrated at start-up: serving 503 until it answers, then {}the key check run",
+                if migrate { "the migrations and " } else { "" }
             );
         }
         let leaf = Arc::new(LeafClient::new(&settings.leaf)?);
@@ -195,8 +232,9 @@ impl Application {
     }
 
     /// Run until the server stops (SIGTERM / Ctrl-C drain in-flight requests), then stop the
-    /// worker, which releases its leases. A key check deferred at start-up that refuses the
-    /// configured keys stops the service the same way and is returned as a [`StartupError`].
+    /// worker, which releases its leases. Deferred start-up work that fails (a key check that
+    /// refuses the configured keys: a [`StartupError`]; a migration) stops the service the same
+    /// way and is returned.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let Application {
             server,
@@ -250,7 +288,7 @@ impl Application {
             tracing::warn!(error = %e, "could not flush encryption counts at shutdown");
         }
         match refused {
-            Some(e) => Err(e.into()),
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
@@ -283,16 +321,20 @@ impl PoolSplit {
     }
 }
 
+/// Whether migrations failed only because Postgres is out of reach.
+fn migration_unreachable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<sqlx::migrate::MigrateError>().is_some_and(|m| {
+        matches!(m, sqlx::migrate::MigrateError::Execute(inner) if store::is_unavailable(inner))
+    }) || e.downcast_ref::<sqlx::Error>().is_some_and(store::is_unavailable)
+}
+
 /// Migrations at start-up, waiting a little for a Postgres that is still starting.
 async fn migrate_with_retry(db: &sqlx::PgPool) -> anyhow::Result<()> {
     let mut delay = Duration::from_millis(200);
     for attempt in 0.. {
         match store::migrate(db).await {
             Ok(()) => return Ok(()),
-            Err(e) if attempt < 20 && e.downcast_ref::<sqlx::migrate::MigrateError>().is_some_and(|m| {
-                matches!(m, sqlx::migrate::MigrateError::Execute(inner) if store::is_unavailable(inner))
-            }) =>
-            {
+            Err(e) if attempt < 20 && migration_unreachable(&e) => {
                 tracing::warn!(error = %e, "database not reachable yet; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(3));
@@ -307,14 +349,11 @@ async fn migrate_with_retry(db: &sqlx::PgPool) -> anyhow::Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeyCheck {
     Passed,
-    /// Postgres did not answer, or has no schema yet: the check is still to be done.
-    Deferred,
-}
-
-/// A table the query needs does not exist: the schema is not migrated yet (`serve --no-migrate`
-/// before `credsync migrate`), which `/readyz` reports until it is.
-fn is_undefined_table(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01"))
+    /// Postgres did not answer, or has no schema yet: the check is still to be done, after the
+    /// migrations when `migrate`.
+    Deferred {
+        migrate: bool,
+    },
 }
 
 /// The refusal of configured key ids whose material is not the one their stored data was
@@ -339,8 +378,8 @@ async fn check_keys(db: &sqlx::PgPool, keyring: &Keyring) -> anyhow::Result<KeyC
         .collect();
     let (missing, mismatched) = match store::credentials::register_keys(db, &keys).await {
         Ok(r) => r,
-        Err(e) if store::is_unavailable(&e) || is_undefined_table(&e) => {
-            return Ok(KeyCheck::Deferred);
+        Err(e) if store::is_unavailable(&e) || store::is_undefined_table(&e) => {
+            return Ok(KeyCheck::Deferred { migrate: false });
         }
         Err(e) => return Err(e.into()),
     };
@@ -357,31 +396,49 @@ async fn check_keys(db: &sqlx::PgPool, keyring: &Keyring) -> anyhow::Result<KeyC
     Ok(KeyCheck::Passed)
 }
 
-/// The key check of a start-up that found Postgres unreachable: retried until Postgres answers.
-/// A pass sets `passed` (`/readyz` waits for it); a refusal is sent to `refused` (which stops
-/// the service); other errors (e.g. migrations not applied yet) are logged and retried. Ends
-/// when the application is gone.
-async fn deferred_key_check(
+/// The start-up work that found Postgres unreachable (or without its schema): the migrations
+/// when `migrate`, then the key check, retried until Postgres answers. A passed check sets
+/// `passed` (`/readyz` and the sync worker wait for it); a failure is sent to `failed`, which
+/// stops the service: a refused key check as a [`StartupError`] (exit code 2), a migration that
+/// fails for another reason than an unreachable Postgres as itself (exit code 1). Other errors
+/// (e.g. migrations not applied yet under `--no-migrate`) are logged and retried. Ends when
+/// the application is gone.
+async fn deferred_start(
     db: sqlx::PgPool,
     keyring: Arc<Keyring>,
+    mut migrate: bool,
     passed: Arc<AtomicBool>,
-    refused: tokio::sync::oneshot::Sender<StartupError>,
+    failed: tokio::sync::oneshot::Sender<anyhow::Error>,
 ) {
     let mut delay = Duration::from_millis(250);
-    while !refused.is_closed() {
+    while !failed.is_closed() {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
+        if migrate {
+            match store::migrate(&db).await {
+                Ok(()) => {
+                    tracing::info!("database reachable: migrations applied");
+                    migrate = false;
+                }
+                Err(e) if migration_unreachable(&e) => continue,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "applying migrations failed; stopping");
+                    let _ = failed.send(e.context("applying migrations"));
+                    return;
+                }
+            }
+        }
         match check_keys(&db, &keyring).await {
             Ok(KeyCheck::Passed) => {
                 tracing::info!("database reachable: the configured encryption keys match");
                 passed.store(true, Ordering::Release);
                 return;
             }
-            Ok(KeyCheck::Deferred) => {}
+            Ok(KeyCheck::Deferred { .. }) => {}
             Err(e) => match e.downcast::<StartupError>() {
                 Ok(e) => {
                     tracing::error!(error = %e, "stored data does not match the configured encryption keys; stopping");
-                    let _ = refused.send(e);
+                    let _ = failed.send(e.into());
                     return;
                 }
                 Err(e) => tracing::warn!(error = %e, "the key check failed; retrying"),

@@ -126,7 +126,7 @@ impl ApiError {
     /// Map a database error: connection trouble is 503 (the process recovers by itself),
     /// anything else an opaque 500.
     pub fn from_db(err: sqlx::Error) -> ApiError {
-        if crate::store::is_unavailable(&err) {
+        if crate::store::is_unavailable(&err) || crate::store::is_undefined_table(&err) {
             tracing::warn!(error = %err, "database unavailable");
             ApiError::DatabaseUnavailable
         } else {

@@ -728,10 +728,17 @@ impl WorkerHandle {
     }
 }
 
-/// Start the background worker on the current runtime.
-pub fn spawn(syncer: Syncer) -> WorkerHandle {
+/// Start the background worker on the current runtime, once `ready` is set (the database is
+/// migrated and the stored data matches the configured keys).
+pub fn spawn(syncer: Syncer, ready: std::sync::Arc<std::sync::atomic::AtomicBool>) -> WorkerHandle {
     let (stop, mut rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
+        while !ready.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = rx.changed() => return,
+            }
+        }
         tracing::info!(owner = %syncer.owner, "sync worker started");
         match work::reschedule_beyond(&syncer.gateway.db, syncer.settings.interval).await {
             Ok(0) => {}

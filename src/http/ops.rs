@@ -43,7 +43,13 @@ async fn readyz(st: web::Data<AppState>) -> HttpResponse {
         "migrations": migrations,
         "encryptionKeys": if keys_checked { "checked" } else { "pending" },
         "leaf": {
-            "reachable": !leaf.breaker().is_open(),
+            // Whether Leaf answered credsync's last request (`null` before the first) and the
+            // circuit breaker lets calls through.
+            "reachable": match leaf.reach() {
+                crate::leaf::Reach::Unknown if !leaf.breaker().is_open() => None,
+                crate::leaf::Reach::Answered => Some(!leaf.breaker().is_open()),
+                _ => Some(false),
+            },
             "authenticated": authenticated,
         },
     });

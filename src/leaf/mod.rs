@@ -142,6 +142,16 @@ pub enum AuthHealth {
     Rejected = 2,
 }
 
+/// Whether Leaf answered credsync's last request at all (any HTTP status), for `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// No request yet.
+    Unknown = 0,
+    Answered = 1,
+    /// Refused, reset, unresolvable or timed out.
+    Unreachable = 2,
+}
+
 struct Token {
     value: SecretString,
     renew_at: Instant,
@@ -194,6 +204,7 @@ struct Shared {
     max_rps: u32,
     breaker: Breaker,
     auth_health: AtomicU8,
+    reach: AtomicU8,
 }
 
 impl std::fmt::Debug for LeafClient {
@@ -239,6 +250,7 @@ impl LeafClient {
                 // quickly.
                 breaker: Breaker::new(25, Duration::from_secs(5)),
                 auth_health: AtomicU8::new(AuthHealth::Unknown as u8),
+                reach: AtomicU8::new(Reach::Unknown as u8),
             }),
         })
     }
@@ -262,6 +274,22 @@ impl LeafClient {
             1 => AuthHealth::Ok,
             2 => AuthHealth::Rejected,
             _ => AuthHealth::Unknown,
+        }
+    }
+
+    /// Whether Leaf answered the last request (see [`Reach`]).
+    pub fn reach(&self) -> Reach {
+        match self.shared.reach.load(Ordering::Relaxed) {
+            1 => Reach::Answered,
+            2 => Reach::Unreachable,
+            _ => Reach::Unknown,
+        }
+    }
+
+    fn set_reach(&self, r: Reach) {
+        // Most calls find it unchanged: a read, not a write to a shared cache line.
+        if self.shared.reach.load(Ordering::Relaxed) != r as u8 {
+            self.shared.reach.store(r as u8, Ordering::Relaxed);
         }
     }
 
@@ -588,10 +616,21 @@ impl LeafClient {
         if let Some(b) = body {
             req = req.header("Content-Type", "application/json").body(b);
         }
-        let mut resp = req.send().await.map_err(classify)?;
+        let unreachable = |e: reqwest::Error| {
+            let e = classify(e);
+            if matches!(
+                e,
+                LeafError::Unavailable(Unavailable::Unreachable | Unavailable::Timeout)
+            ) {
+                self.set_reach(Reach::Unreachable);
+            }
+            e
+        };
+        let mut resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
         let headers = std::mem::take(resp.headers_mut());
-        let body = resp.bytes().await.map_err(classify)?;
+        let body = resp.bytes().await.map_err(unreachable)?;
+        self.set_reach(Reach::Answered);
         Ok(Answer {
             status,
             headers,

@@ -127,8 +127,10 @@ impl SimServer {
 
 /// For `credsync leaf-sim`: serve on `listen` until Ctrl-C or SIGTERM.
 pub async fn run_forever(listen: &str, opts: SimOptions) -> anyhow::Result<()> {
-    let listener =
-        TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    // A bad or busy address is the operator's to fix: exit code 2, naming the option.
+    let listener = TcpListener::bind(listen).map_err(|e| {
+        crate::config::ConfigError::new("--listen", format!("cannot listen on {listen}: {e}"))
+    })?;
     let server = SimServer::start(listener, opts).context("cannot start the Leaf simulator")?;
     tracing::info!(url = %server.base_url(), "Leaf simulator listening");
     shutdown_signal().await;

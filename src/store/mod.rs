@@ -374,6 +374,13 @@ pub async fn migrations_applied(pool: &PgPool) -> Result<bool, sqlx::Error> {
 }
 
 /// Whether a database error means "Postgres is unreachable" (retry later) rather than a bug.
+/// A table the query needs does not exist: the schema is not migrated yet (`serve
+/// --no-migrate` before `credsync migrate`, or migrations deferred while Postgres was out of
+/// reach). Answered as Postgres unavailable (503): `/readyz` reports it until it is migrated.
+pub fn is_undefined_table(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01"))
+}
+
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_)

@@ -49,6 +49,25 @@ fn bad_usage_exits_2() {
 }
 
 #[test]
+fn the_simulator_on_an_unusable_address_exits_2_naming_the_option() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = busy.local_addr().unwrap().to_string();
+    for addr in ["nope", busy.as_str()] {
+        let out = credsync()
+            .args(["leaf-sim", "--listen", addr])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{addr}: {err}");
+        let last = err.trim().lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("credsync: --listen: cannot listen on"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn a_missing_setting_exits_2_naming_it_without_printing_secrets() {
     let out = with_keys().arg("serve").output().unwrap();
     assert_eq!(out.status.code(), Some(2));

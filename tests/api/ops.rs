@@ -172,6 +172,32 @@ async fn readiness_is_503_when_postgres_is_unreachable() {
     assert_problem(r, 503, "database-unavailable").await;
 }
 
+/// `/readyz` reports whether Leaf answered credsync's last request: unknown before the first,
+/// `true` once Leaf answered, `false` when the last one was refused.
+#[tokio::test]
+async fn readiness_reports_whether_leaf_answered_the_last_request() {
+    async fn reachable(app: &TestApp) -> Value {
+        let r = app.get_open("/readyz").await;
+        assert_eq!(r.status(), 200, "Leaf is reported, not required");
+        r.json::<Value>().await.unwrap()["leaf"]["reachable"].clone()
+    }
+    let app = spawn_app().await;
+    assert_eq!(reachable(&app).await, Value::Null);
+    assert_eq!(
+        app.create(Uuid::new_v4(), &body("c", "reachable000"))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(reachable(&app).await, json!(true));
+
+    let refused =
+        spawn_app_with(AppOptions::default().env("LEAF_API_URL", "http://127.0.0.1:9")).await;
+    let r = refused.get(Uuid::new_v4(), ALL_SCOPES).await;
+    assert_problem(r, 503, "upstream-unavailable").await;
+    assert_eq!(reachable(&refused).await, json!(false));
+}
+
 /// How many times credsync authenticated at the simulator.
 async fn authentications(app: &TestApp) -> usize {
     app.sim_requests()

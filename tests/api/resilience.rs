@@ -803,13 +803,23 @@ fn serve_no_migrate(
     keys: String,
     log: &std::path::Path,
 ) -> (tokio::process::Child, String) {
+    serve_detached(db_url, keys, log, &["serve", "--no-migrate"])
+}
+
+/// The binary with `args`, on a free port, its stderr in `log`; returns it and its address.
+fn serve_detached(
+    db_url: &str,
+    keys: String,
+    log: &std::path::Path,
+    args: &[&str],
+) -> (tokio::process::Child, String) {
     let port = free_port();
     let mut env = base_env(db_url, "http://127.0.0.1:9");
     env.retain(|(k, _)| k != "CREDSYNC_ENCRYPTION_KEYS" && k != "CREDSYNC_LISTEN");
     env.push(("CREDSYNC_ENCRYPTION_KEYS".into(), keys));
     env.push(("CREDSYNC_LISTEN".into(), format!("127.0.0.1:{port}")));
     let child = credsync_bin(&env)
-        .args(["serve", "--no-migrate"])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
@@ -835,6 +845,103 @@ async fn wait_healthy(child: &mut tokio::process::Child, address: &str) {
         assert!(Instant::now() < deadline, "credsync serve did not come up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// SPEC §4 and §6: a `serve` (migrations and worker included) started while Postgres is down
+/// answers at once, `/healthz` 200, `/readyz` and the API 503 with `Retry-After`, and applies
+/// the migrations, checks the keys and serves once Postgres is up, without a restart.
+#[tokio::test]
+async fn serve_started_while_postgres_is_down_answers_at_once_and_migrates_once_it_is_up() {
+    let mut pg = TempPostgres::start().await.unwrap();
+    pg.stop().await.unwrap();
+    let log = std::env::temp_dir().join(format!("credsync-resilience-{}.log", Uuid::new_v4()));
+    let (mut child, address) = serve_detached(pg.url(), key_a(), &log, &["serve"]);
+    wait_healthy(&mut child, &address).await;
+    let client = reqwest::Client::new();
+    let r = client
+        .get(format!("{address}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["database"], "unavailable");
+    let list = || {
+        client
+            .get(format!("{address}/v1/credentials"))
+            .bearer_auth(token("status:read"))
+            .send()
+    };
+    assert_db_unavailable(list().await.unwrap()).await;
+    let user = Uuid::new_v4();
+    assert_db_unavailable(
+        client
+            .post(cred_url(&address, user))
+            .bearer_auth(token(ALL_SCOPES))
+            .json(&body_for(user))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+
+    pg.restart().await.unwrap();
+    wait_until("/readyz to answer 200", Duration::from_secs(20), || async {
+        client
+            .get(format!("{address}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let ready: Value = client
+        .get(format!("{address}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&ready["migrations"], &ready["encryptionKeys"]),
+        (&json!("applied"), &json!("checked"))
+    );
+    assert_eq!(list().await.unwrap().status(), 200);
+    assert!(child.try_wait().unwrap().is_none(), "still serving");
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert!(stderr.contains("migrations applied"), "{stderr}");
+}
+
+/// A worker replica (`serve --sync-only`) serves no HTTP, so it does not take
+/// `CREDSYNC_LISTEN`: it starts beside an API process that holds it.
+#[tokio::test]
+async fn a_worker_replica_does_not_take_the_listen_address() {
+    let db = crate::db::fresh_database_url().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut env = base_env(&db, "http://127.0.0.1:9");
+    env.retain(|(k, _)| k != "CREDSYNC_LISTEN");
+    env.push((
+        "CREDSYNC_LISTEN".into(),
+        taken.local_addr().unwrap().to_string(),
+    ));
+    let mut worker = credsync_bin(&env)
+        .args(["serve", "--sync-only"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It runs (the worker's first pass has come and gone) rather than exiting with code 2.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let exited = worker.try_wait().unwrap();
+    if exited.is_some() {
+        let out = worker.wait_with_output().await.unwrap();
+        panic!("the worker exited: {}", text(&out.stderr));
+    }
+    worker.start_kill().unwrap();
+    worker.wait().await.unwrap();
+    drop(taken);
 }
 
 #[tokio::test]
