@@ -617,11 +617,12 @@ async fn a_pending_delete_takes_the_history_and_events_with_it_at_once() {
             200
         );
     }
-    let history = |u: Uuid| {
+    // How many items a /v1 list has.
+    let listed = |path: String| {
         let app = &app;
         async move {
             let v: Value = app
-                .get_path(&format!("/v1/users/{u}/status-history"), "status:read")
+                .get_path(&path, "status:read")
                 .await
                 .json()
                 .await
@@ -629,18 +630,8 @@ async fn a_pending_delete_takes_the_history_and_events_with_it_at_once() {
             v["items"].as_array().unwrap().len()
         }
     };
-    let events = |u: Uuid| {
-        let app = &app;
-        async move {
-            let v: Value = app
-                .get_path(&format!("/v1/events?leafUserId={u}"), "status:read")
-                .await
-                .json()
-                .await
-                .unwrap();
-            v["items"].as_array().unwrap().len()
-        }
-    };
+    let history = |u: Uuid| listed(format!("/v1/users/{u}/status-history"));
+    let events = |u: Uuid| listed(format!("/v1/events?leafUserId={u}"));
     // The simulator logs the create itself as an event too.
     let held = events(user).await;
     assert!(held > 3, "{held}");
