@@ -346,17 +346,51 @@ pub fn redact(secret: &str) -> String {
     }
 }
 
-/// Replace every occurrence of the given secret values in `text` with `****`.
+/// Secrets shorter than this (in characters) are masked only where they stand as a word of
+/// their own: masked everywhere, a one-letter secret would turn every word that contains the
+/// letter into `****` ("Inv****lid ****efresh token").
+const MASK_WORDS_BELOW: usize = 8;
+
+/// Replace the given secret values in `text` with `****`: every occurrence of a secret of
+/// `MASK_WORDS_BELOW` characters or more, and every occurrence of a shorter one that is not part
+/// of a longer run of letters and digits.
 pub fn mask_secrets<'a>(text: &str, secrets: impl IntoIterator<Item = &'a str>) -> String {
     let mut values: Vec<&str> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
     // Longest first, so a secret containing another is masked whole.
     values.sort_by_key(|s| std::cmp::Reverse(s.len()));
     let mut out = text.to_owned();
     for v in values {
-        if out.contains(v) {
+        if !out.contains(v) {
+            continue;
+        }
+        if v.chars().count() >= MASK_WORDS_BELOW {
             out = out.replace(v, "****");
+        } else {
+            out = mask_words(&out, v);
         }
     }
+    out
+}
+
+/// `text` with each occurrence of `word` that no letter or digit touches replaced by `****`.
+fn mask_words(text: &str, word: &str) -> String {
+    let touches = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(word) {
+        let before = rest[..at].chars().next_back();
+        let after = rest[at + word.len()..].chars().next();
+        // The text before this occurrence, as written: a letter before it in `out` counts too.
+        let before = before.or_else(|| out.chars().next_back());
+        out.push_str(&rest[..at]);
+        if touches(before) || touches(after) {
+            out.push_str(word);
+        } else {
+            out.push_str("****");
+        }
+        rest = &rest[at + word.len()..];
+    }
+    out.push_str(rest);
     out
 }
 
@@ -441,6 +475,28 @@ mod tests {
     fn masking_replaces_every_secret_occurrence() {
         let out = mask_secrets("token abc and abcdef", ["abc", "abcdef"]);
         assert_eq!(out, "token **** and ****");
+        let out = mask_secrets("bad token xx-secret-1, xx-secret-1x", ["xx-secret-1"]);
+        assert_eq!(
+            out, "bad token ****, ****x",
+            "a long secret, wherever it is"
+        );
+    }
+
+    #[test]
+    fn a_short_secret_is_masked_where_it_stands_alone_only() {
+        assert_eq!(
+            mask_secrets("Invalid refresh token", ["s", "a", "r"]),
+            "Invalid refresh token"
+        );
+        assert_eq!(
+            mask_secrets("key=s; s,(s) s ss s", ["s"]),
+            "key=****; ****,(****) **** ss ****"
+        );
+        assert_eq!(
+            mask_secrets("pw1 and pw12 and é pw1é", ["pw1"]),
+            "**** and pw12 and é pw1é"
+        );
+        assert_eq!(mask_secrets("ss", ["s"]), "ss");
     }
 }
 

@@ -463,6 +463,15 @@ async fn leaf_400_is_passed_on_with_secrets_masked_and_nothing_kept() {
     let resp = app.create(user, &b).await;
     let problem = assert_problem(resp, 400, "upstream-rejected").await;
     assert!(!problem.to_string().contains("invalid-rt-secret-value"));
+    // Short secrets do not garble Leaf's words ("Inv****lid"): masked only where they stand alone.
+    let b = json!({"clientId": "c", "clientSecret": "s", "apiKey": "a", "refreshToken": "invalid"});
+    let problem = assert_problem(
+        app.create(Uuid::new_v4(), &b).await,
+        400,
+        "upstream-rejected",
+    )
+    .await;
+    assert_eq!(problem["detail"], "Invalid refresh token");
     assert_eq!(app.count("select count(*) from credential").await, 0);
     assert_eq!(app.count("select count(*) from outbox").await, 0);
     assert_eq!(
@@ -470,7 +479,7 @@ async fn leaf_400_is_passed_on_with_secrets_masked_and_nothing_kept() {
             "select count(*) from audit where action = 'credential.create' and outcome = 'failure'"
         )
         .await,
-        1
+        2
     );
 }
 
