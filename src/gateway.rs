@@ -473,7 +473,9 @@ impl Gateway {
     }
 
     /// Store what Leaf answered for a credential (status, mapping, echoed secrets), adopting it
-    /// when credsync did not track it yet. Returns the stored row.
+    /// when credsync did not track it yet (`existing` is `None`). Returns the stored row; `None`
+    /// when the row's delete is pending, it was rejected, or it was deleted since `existing`
+    /// was read.
     pub async fn apply_leaf_answer(
         &self,
         provider: &Provider,
@@ -508,7 +510,9 @@ impl Gateway {
         };
         let sealed = self.reseal(provider, user, stored.as_ref(), &leaf.secrets)?;
         let state = leaf.state(sealed.as_ref());
-        let stored = creds::store_leaf_state(&self.db, user, provider.name, &state, source).await;
+        let adopt = existing.is_none();
+        let stored =
+            creds::store_leaf_state(&self.db, user, provider.name, &state, source, adopt).await;
         // This process's next read must not wait for the trigger's notice.
         self.rows.invalidate(user);
         let Some(refreshed) = stored? else {
@@ -661,22 +665,26 @@ impl Gateway {
                         false,
                     )));
                 }
-                let existing = creds::get(&self.db, user, provider.name).await?;
-                let row = self
-                    .apply_leaf_credential(
-                        provider,
-                        user,
-                        existing.as_ref(),
-                        leaf,
-                        StatusSource::Request,
-                        actor,
-                    )
-                    .await?
-                    .ok_or_else(|| {
-                        ApiError::Conflict(
-                            "the credential was deleted while it was being created".into(),
+                // Not settled here: the worker delivered it meanwhile, or a DELETE came first.
+                let stored = match creds::get(&self.db, user, provider.name).await? {
+                    Some(existing) => {
+                        self.apply_leaf_credential(
+                            provider,
+                            user,
+                            Some(&existing),
+                            leaf,
+                            StatusSource::Request,
+                            actor,
                         )
-                    })?;
+                        .await?
+                    }
+                    None => None,
+                };
+                let Some(row) = stored else {
+                    return Err(self
+                        .deleted_while_created(provider, user, actor, false)
+                        .await?);
+                };
                 self.audit(
                     actor,
                     "credential.create",
@@ -690,6 +698,15 @@ impl Gateway {
             }
             Err(e) if e.is_unavailable() => {
                 creds::release_outbox(&self.db, user, provider.name, e.retry_after()).await?;
+                // A DELETE answered meanwhile: Leaf may have created it all the same (a timeout).
+                let row = match creds::get(&self.db, user, provider.name).await? {
+                    Some(row) if row.state() != SyncState::DeletePending => row,
+                    _ => {
+                        return Err(self
+                            .deleted_while_created(provider, user, actor, true)
+                            .await?);
+                    }
+                };
                 self.audit(
                     actor,
                     "credential.create",
@@ -699,13 +716,6 @@ impl Gateway {
                     Some("queued: Leaf unavailable"),
                 )
                 .await;
-                let row = creds::get(&self.db, user, provider.name)
-                    .await?
-                    .ok_or_else(|| {
-                        ApiError::Conflict(
-                            "the credential was deleted while it was being created".into(),
-                        )
-                    })?;
                 Ok(Created::Pending(self.view(provider, &row, false)?))
             }
             Err(e) => {
@@ -725,6 +735,49 @@ impl Gateway {
                 Err(err)
             }
         }
+    }
+
+    /// A create that Leaf took while a DELETE of the same credential was answered: the caller's
+    /// delete wins, so Leaf's new copy is deleted too (queued for the worker, unless the user's
+    /// record is a pending delete already, which does it). When Leaf did not answer the create
+    /// (`unanswered`: a timeout, a reset), it may still act on it: the delete waits as long as a
+    /// request is held to be in flight (`outbox_grace`), so that it does not reach Leaf first.
+    /// The create's answer: 409.
+    pub async fn deleted_while_created(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        actor: Actor<'_>,
+        unanswered: bool,
+    ) -> Result<ApiError, sqlx::Error> {
+        let delay = if unanswered {
+            self.outbox_grace
+        } else {
+            Duration::ZERO
+        };
+        let queued = creds::queue_orphan_delete(
+            &self.db,
+            user,
+            provider.name,
+            actor.sub,
+            actor.request_id,
+            delay,
+        )
+        .await?;
+        self.rows.invalidate(user);
+        tracing::info!(leaf_user_id = %user, queued, "credential deleted while Leaf created it; Leaf's copy is deleted too");
+        self.audit(
+            actor,
+            "credential.create",
+            user,
+            provider,
+            Outcome::Failure,
+            Some("deleted while it was being created; Leaf's copy is deleted too"),
+        )
+        .await;
+        Ok(ApiError::Conflict(
+            "the credential was deleted while it was being created".into(),
+        ))
     }
 
     /// Refuse reads of a credential whose delete is pending or that Leaf rejected.

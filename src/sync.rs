@@ -432,18 +432,39 @@ impl Syncer {
             Err(e @ (LeafError::Rejected { .. } | LeafError::Unexpected { .. })) => {
                 return self.reject(provider, user, &secrets, e, actor).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                // Deleted while the create was on its way: Leaf may have taken it all the same
+                // (a timeout), and nothing would retry it.
+                let held = creds::get(&gw.db, user, provider.name)
+                    .await
+                    .map_err(db_unavailable)?;
+                if held.is_none_or(|r| r.state() == crate::domain::SyncState::DeletePending) {
+                    gw.deleted_while_created(provider, user, actor, true)
+                        .await
+                        .map_err(db_unavailable)?;
+                    return Ok(());
+                }
+                return Err(e);
+            }
         };
-        gw.apply_leaf_answer(
-            provider,
-            user,
-            Some(&row),
-            answer,
-            StatusSource::Sync,
-            actor,
-        )
-        .await
-        .map_err(|e| not_stored(user, &e))?;
+        let stored = gw
+            .apply_leaf_answer(
+                provider,
+                user,
+                Some(&row),
+                answer,
+                StatusSource::Sync,
+                actor,
+            )
+            .await
+            .map_err(|e| not_stored(user, &e))?;
+        if stored.is_none() {
+            // Deleted (or its delete begun) while Leaf was creating it.
+            gw.deleted_while_created(provider, user, actor, false)
+                .await
+                .map_err(db_unavailable)?;
+            return Ok(());
+        }
         audit::record_logged(
             &gw.db,
             &Entry {

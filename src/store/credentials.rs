@@ -408,15 +408,18 @@ pub struct Refreshed {
     pub adopted: bool,
 }
 
-/// Store Leaf's answer for a credential: adopt it when unknown, mark a pending create SYNCED
-/// (dropping its outbox entry), refresh status/secrets, and write a history entry on a status change.
-/// Rows whose delete is pending or that were rejected are left alone (returns `None`).
+/// Store Leaf's answer for a credential: adopt it when unknown and `adopt` (the caller held no
+/// row for it), mark a pending create SYNCED (dropping its outbox entry), refresh
+/// status/secrets, and write a history entry on a status change. Rows whose delete is pending
+/// or that were rejected are left alone, and so is a row that is gone when the caller held
+/// one (deleted meanwhile: never brought back): `None`.
 pub async fn store_leaf_state(
     pool: &PgPool,
     user: Uuid,
     provider: &str,
     leaf: &LeafState<'_>,
     source: StatusSource,
+    adopt: bool,
 ) -> Result<Option<Refreshed>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let existing: Option<(String, Option<String>)> = sqlx::query_as(
@@ -429,7 +432,8 @@ pub async fn store_leaf_state(
     let (adopted, old_status) = match &existing {
         Some((state, _)) if state == "DELETE_PENDING" || state == "REJECTED" => return Ok(None),
         Some((_, status)) => (false, status.clone()),
-        None => (true, None),
+        None if adopt => (true, None),
+        None => return Ok(None),
     };
     if adopted {
         let Some(sealed) = leaf.sealed else {
@@ -975,6 +979,35 @@ pub async fn begin_delete(
     .await?;
     tx.commit().await?;
     Ok(Some((state, sealed)))
+}
+
+/// Leaf created (or may still create) a credential whose record was deleted while the create
+/// was on its way (a DELETE answered meanwhile): queue the delete of Leaf's copy, due after
+/// `delay`, as a pending delete, unless the user has a record again by now (a pending delete
+/// has its own entry; a new create is the new caller's). Returns whether a delete was queued.
+pub async fn queue_orphan_delete(
+    pool: &PgPool,
+    user: Uuid,
+    provider: &str,
+    actor: &str,
+    request_id: &str,
+    delay: std::time::Duration,
+) -> Result<bool, sqlx::Error> {
+    let queued: Option<i32> = sqlx::query_scalar(
+        "with held as (
+             insert into credential (leaf_user_id, provider, sync_state) values ($1, $2, 'DELETE_PENDING')
+             on conflict (leaf_user_id, provider) do nothing returning 1)
+         insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
+         select $1, $2, 'delete', now() + make_interval(secs => $5), $3, $4 from held returning 1",
+    )
+    .bind(user)
+    .bind(provider)
+    .bind(request_id)
+    .bind(actor)
+    .bind(delay.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    Ok(queued.is_some())
 }
 
 /// Record a delete Leaf has not taken yet for a credential credsync did not hold (the worker

@@ -134,6 +134,129 @@ async fn writes_queued_while_leaf_was_down_are_delivered_when_it_returns() {
     assert_eq!(r.json::<Value>().await.unwrap()["syncState"], "SYNCED");
 }
 
+/// Leaf has neither the user's credential nor does credsync keep any record of it, within 30 s.
+async fn gone_on_both_sides(app: &TestApp, user: Uuid) {
+    wait_until(
+        "the credential to be gone at Leaf and here",
+        Duration::from_secs(30),
+        || async {
+            app.leaf_state(user).await.is_none()
+                && app
+                    .count_for(
+                        "select count(*) from credential where leaf_user_id = $1",
+                        user,
+                    )
+                    .await
+                    == 0
+                && app
+                    .count_for("select count(*) from outbox where leaf_user_id = $1", user)
+                    .await
+                    == 0
+        },
+    )
+    .await;
+    assert_eq!(app.get(user, "credentials:read").await.status(), 404);
+}
+
+/// After a create raced a DELETE: Leaf's copy is deleted too. When credsync gave up on Leaf's
+/// answer (`latency_ms` beyond LEAF_TIMEOUT_MS, 1.5 s here), Leaf may still act on the create,
+/// so that delete waits out the outbox grace (30 s and more): checked, then brought forward
+/// once the simulator has acted.
+async fn leafs_copy_is_deleted(app: &TestApp, user: Uuid, latency_ms: u64) {
+    if latency_ms > 1500 {
+        let due_in: Option<f64> = sqlx::query_scalar(
+            "select extract(epoch from next_attempt_at - now())::float8 from outbox
+             where leaf_user_id = $1 and op = 'delete'",
+        )
+        .bind(user)
+        .fetch_optional(&app.db)
+        .await
+        .unwrap();
+        assert!(due_in.is_some_and(|s| s > 20.0), "{due_in:?}");
+        tokio::time::sleep(Duration::from_millis(latency_ms)).await;
+        sqlx::query("update outbox set next_attempt_at = now() where leaf_user_id = $1")
+            .bind(user)
+            .execute(&app.db)
+            .await
+            .unwrap();
+    }
+    gone_on_both_sides(app, user).await;
+}
+
+/// A DELETE answered while Leaf is still creating the credential (request path): the delete
+/// wins. The create answers 409, and the credential Leaf made afterwards is deleted too, not
+/// kept (before, it came back as SYNCED here and at Leaf after the DELETE's 204).
+#[tokio::test]
+async fn a_delete_answered_while_leaf_creates_the_credential_deletes_leafs_copy_too() {
+    let app = spawn_app_with(with_worker(60)).await;
+    // Leaf answers late, or after credsync gave up on it (LEAF_TIMEOUT_MS is 1.5 s here).
+    for latency in [1000, 2500] {
+        create_racing_a_delete(&app, latency).await;
+    }
+}
+
+async fn create_racing_a_delete(app: &TestApp, latency_ms: u64) {
+    let user = Uuid::new_v4();
+    app.fault(json!({"latencyMs": latency_ms, "method": "POST", "pathContains": user.to_string()}))
+        .await;
+    let new = body("cid", "racedelete00");
+    let create = app.create(user, &new);
+    let delete = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        app.delete(user, ALL_SCOPES).await
+    };
+    let (created, deleted) = tokio::join!(create, delete);
+    assert_eq!(deleted.status(), 204);
+    assert_problem(created, 409, "conflict").await;
+    leafs_copy_is_deleted(app, user, latency_ms).await;
+    assert_eq!(
+        app.count_for(
+            "select count(*) from audit where leaf_user_id = $1 and action = 'credential.create' and outcome = 'failure'",
+            user
+        )
+        .await,
+        1
+    );
+}
+
+/// The same race with the worker delivering a queued create: the DELETE's 204 holds.
+#[tokio::test]
+async fn a_delete_answered_while_the_worker_delivers_a_queued_create_deletes_leafs_copy_too() {
+    let app = spawn_app_with(with_worker(60)).await;
+    for latency in [1000, 2500] {
+        queued_create_racing_a_delete(&app, latency).await;
+    }
+}
+
+async fn queued_create_racing_a_delete(app: &TestApp, latency_ms: u64) {
+    let user = Uuid::new_v4();
+    let only_user = user.to_string();
+    app.fault(json!({"fixedStatus": 503, "method": "POST", "pathContains": only_user}))
+        .await;
+    assert_eq!(
+        app.create(user, &body("cid", "racequeued00"))
+            .await
+            .status(),
+        202
+    );
+    app.clear_faults().await;
+    app.fault(json!({"latencyMs": latency_ms, "method": "POST", "pathContains": only_user}))
+        .await;
+    wait_until("the worker to take the queued create", Duration::from_secs(20), || async {
+        app.count_for(
+            "select count(*) from outbox where leaf_user_id = $1 and op = 'create' and attempts > 0",
+            user,
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(app.delete(user, ALL_SCOPES).await.status(), 204);
+    // The worker's create has its answer, or gave up on it, by then.
+    tokio::time::sleep(Duration::from_millis(latency_ms.min(1500) + 500)).await;
+    leafs_copy_is_deleted(app, user, latency_ms).await;
+}
+
 #[tokio::test]
 async fn a_queued_create_that_leaf_rejects_ends_rejected_and_a_new_post_is_allowed() {
     let app = spawn_app_with(with_worker(60)).await;
