@@ -30,6 +30,19 @@ pub fn link_header(
     parts.join(",")
 }
 
+/// [`link_header`] for the list `req` asked for (its scheme, host and path).
+pub fn link_header_for(
+    req: &actix_web::HttpRequest,
+    kept: &[(String, String)],
+    page: u64,
+    size: u64,
+    total: u64,
+) -> String {
+    let conn = req.connection_info();
+    let base = format!("{}://{}{}", conn.scheme(), conn.host(), req.path());
+    link_header(&base, kept, page, size, total)
+}
+
 /// Percent-encoding of a query key or value (RFC 3986 unreserved characters kept).
 fn encode_query_part(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -472,14 +472,12 @@ async fn events(
             .insert(header::HeaderName::from_static("x-total-count"), v);
     }
     // Leaf's `Link` (next, prev, last, first), pointing at this route.
-    let conn = req.connection_info();
-    let base = format!("{}://{}{}", conn.scheme(), conn.host(), req.path());
     let kept: Vec<(String, String)> =
         web::Query::<Vec<(String, String)>>::from_query(req.query_string())
             .map(web::Query::into_inner)
             .unwrap_or_default();
     let total = u64::try_from(total).unwrap_or(0);
-    let link = crate::paging::link_header(&base, &kept, page.into(), size.into(), total);
+    let link = crate::paging::link_header_for(&req, &kept, page.into(), size.into(), total);
     if let Ok(v) = HeaderValue::from_str(&link) {
         resp.headers_mut().insert(header::LINK, v);
     }

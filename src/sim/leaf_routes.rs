@@ -189,19 +189,6 @@ fn paging(q: &[(String, String)]) -> (usize, usize) {
     (page, size)
 }
 
-/// JHipster's `Link` header (next, prev, last, first), other query parameters kept.
-fn link_header(
-    req: &HttpRequest,
-    q: &[(String, String)],
-    page: usize,
-    size: usize,
-    total: usize,
-) -> String {
-    let conn = req.connection_info();
-    let base = format!("{}://{}{}", conn.scheme(), conn.host(), req.path());
-    crate::paging::link_header(&base, q, page as u64, size as u64, total as u64)
-}
-
 fn paged(
     req: &HttpRequest,
     q: &[(String, String)],
@@ -215,7 +202,13 @@ fn paged(
     if let Ok(v) = header::HeaderValue::from_str(&total.to_string()) {
         headers.insert(header::HeaderName::from_static("x-total-count"), v);
     }
-    if let Ok(v) = header::HeaderValue::from_str(&link_header(req, q, page, size, total)) {
+    if let Ok(v) = header::HeaderValue::from_str(&crate::paging::link_header_for(
+        req,
+        q,
+        page as u64,
+        size as u64,
+        total as u64,
+    )) {
         headers.insert(header::LINK, v);
     }
     res
