@@ -18,12 +18,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use std::fmt::Write as _;
+
+use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer, Registry, fmt};
 
 use crate::config::LogFormat;
+use crate::error::REQUEST_ID;
 
 /// What `RUST_LOG` means when it is unset, empty or unreadable.
 const DEFAULT_DIRECTIVES: &str = "info,sqlx=warn";
@@ -244,22 +249,199 @@ impl fmt::time::FormatTime for LogTime {
     }
 }
 
+/// The JSON log line, written straight into the line buffer: `timestamp`, `level`, the event's
+/// fields (its message as `message`), `target`, the request's `request_id` when logged inside
+/// one and the event does not carry it itself, and the current span (`span`: its name and
+/// fields) when there is one.
+///
+/// tracing-subscriber's own JSON formatter goes through serde for every line and parses the
+/// current span's fields back from text to write them again; a request span around every
+/// request cost a forwarded read its creation, its field formatting and an enter and exit per
+/// poll. The request id comes from the request's task-local instead ([`REQUEST_ID`]).
+struct JsonLine;
+
+impl<S, N> fmt::FormatEvent<S, N> for JsonLine
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &fmt::FmtContext<'_, S, N>,
+        mut w: fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        w.write_str("{\"timestamp\":\"")?;
+        fmt::time::FormatTime::format_time(&LogTime, &mut w)?;
+        w.write_str("\",\"level\":\"")?;
+        w.write_str(meta.level().as_str())?;
+        w.write_char('"')?;
+        let mut fields = JsonFieldsOut {
+            w: &mut w,
+            skip_log_fields: normalized.is_some(),
+            request_id: false,
+            result: Ok(()),
+        };
+        event.record(&mut fields);
+        let (result, has_request_id) = (fields.result, fields.request_id);
+        result?;
+        w.write_str(",\"target\":")?;
+        write_json_str(&mut w, meta.target())?;
+        if !has_request_id {
+            REQUEST_ID
+                .try_with(|id| {
+                    w.write_str(",\"request_id\":")?;
+                    write_json_str(&mut w, id)
+                })
+                .unwrap_or(Ok(()))?;
+        }
+        let span = event
+            .parent()
+            .and_then(|id| ctx.span(id))
+            .or_else(|| ctx.lookup_current());
+        if let Some(span) = span {
+            w.write_str(",\"span\":{")?;
+            let ext = span.extensions();
+            // The span's fields as the JSON field formatter recorded them: one object's text.
+            let recorded = ext
+                .get::<fmt::FormattedFields<N>>()
+                .map(|f| f.fields.as_str().trim())
+                .and_then(|f| f.strip_prefix('{')?.strip_suffix('}'))
+                .map(str::trim)
+                .filter(|f| !f.is_empty());
+            if let Some(recorded) = recorded {
+                w.write_str(recorded)?;
+                w.write_char(',')?;
+            }
+            w.write_str("\"name\":")?;
+            write_json_str(&mut w, span.metadata().name())?;
+            w.write_char('}')?;
+        }
+        w.write_str("}\n")
+    }
+}
+
+/// Writes an event's fields as JSON members, each after a comma.
+struct JsonFieldsOut<'a, 'w> {
+    w: &'a mut fmt::format::Writer<'w>,
+    /// A `log` record's own metadata fields (`log.target`, ...), already in the line.
+    skip_log_fields: bool,
+    /// Whether the event carries `request_id` itself.
+    request_id: bool,
+    result: std::fmt::Result,
+}
+
+impl JsonFieldsOut<'_, '_> {
+    fn member(
+        &mut self,
+        field: &tracing::field::Field,
+        value: impl FnOnce(&mut fmt::format::Writer<'_>) -> std::fmt::Result,
+    ) {
+        let name = field.name();
+        if self.result.is_err() || (self.skip_log_fields && name.starts_with("log.")) {
+            return;
+        }
+        self.request_id |= name == "request_id";
+        self.result = (|| {
+            self.w.write_char(',')?;
+            write_json_str(self.w, name)?;
+            self.w.write_char(':')?;
+            value(self.w)
+        })();
+    }
+}
+
+impl tracing::field::Visit for JsonFieldsOut<'_, '_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.member(field, |w| write_json_str(w, value));
+    }
+
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.member(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.member(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.member(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        // JSON has no NaN or infinities: those are written as text.
+        if value.is_finite() {
+            self.member(field, |w| write!(w, "{value}"));
+        } else {
+            self.member(field, |w| write!(w, "\"{value}\""));
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.member(field, |w| {
+            w.write_char('"')?;
+            write!(JsonEscape(&mut *w), "{value:?}")?;
+            w.write_char('"')
+        });
+    }
+}
+
+/// `s` as a JSON string.
+fn write_json_str(w: &mut impl std::fmt::Write, s: &str) -> std::fmt::Result {
+    w.write_char('"')?;
+    JsonEscape(&mut *w).write_str(s)?;
+    w.write_char('"')
+}
+
+/// Escapes what is written through it for the inside of a JSON string.
+struct JsonEscape<W>(W);
+
+impl<W: std::fmt::Write> std::fmt::Write for JsonEscape<W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let mut plain = 0;
+        for (i, b) in s.bytes().enumerate() {
+            let escaped = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0..0x20 => "",
+                _ => continue,
+            };
+            self.0.write_str(&s[plain..i])?;
+            if escaped.is_empty() {
+                write!(self.0, "\\u{b:04x}")?;
+            } else {
+                self.0.write_str(escaped)?;
+            }
+            plain = i + 1;
+        }
+        self.0.write_str(&s[plain..])
+    }
+}
+
+/// The JSON lines' layer ([`JsonLine`]), writing to `out`.
+fn json_layer<S, W>(out: W) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    fmt::layer()
+        .fmt_fields(fmt::format::JsonFields::new())
+        .event_format(JsonLine)
+        .with_writer(out)
+}
+
 /// Install the global subscriber (once; later calls are ignored). Keep the guard until the
 /// command ends.
 pub fn init(format: LogFormat) -> LogGuard {
     let filter = LogFilter::parse(std::env::var("RUST_LOG").ok().as_deref());
     let registry = tracing_subscriber::registry().with(filter.into_layer());
     let installed = match format {
-        LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_timer(LogTime)
-                    .with_writer(STDERR.writer()),
-            )
-            .try_init(),
+        LogFormat::Json => registry.with(json_layer(STDERR.writer())).try_init(),
         LogFormat::Pretty => registry
             .with(
                 fmt::layer()
@@ -504,5 +686,61 @@ mod tests {
             LogFilter::Spans(f) => assert!(f.to_string().contains("route=v1.credentials")),
             LogFilter::Static(t) => panic!("span directive dropped: {t}"),
         }
+    }
+    #[tokio::test]
+    async fn json_lines_are_one_object_each_with_the_request_id_and_the_current_span() {
+        let sink = Sink::default();
+        let out = sink.clone();
+        let subscriber = tracing_subscriber::registry().with(json_layer(move || out.clone()));
+        let _default = tracing::subscriber::set_default(subscriber);
+        tracing::info!(
+            n = 3,
+            ok = true,
+            x = 1.5,
+            nan = f64::NAN,
+            "plain \"quoted\"\n\u{1}\\"
+        );
+        REQUEST_ID
+            .scope("req-1".into(), async {
+                tracing::warn!(detail = ?"dbg\\x", "inside");
+                tracing::info!(request_id = "own", "own id");
+                let span = tracing::info_span!("sync", worker = "w\"1", n = 2);
+                let _entered = span.enter();
+                tracing::error!("in span");
+            })
+            .await;
+        let text = sink.text();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        for line in &lines {
+            let t = line["timestamp"].as_str().unwrap();
+            assert!(crate::timefmt::parse_strict(t).is_some(), "{t}");
+            assert_eq!(line["target"], "credsync::telemetry::tests");
+        }
+        let plain = lines[0].as_object().unwrap();
+        assert_eq!(plain["level"], "INFO");
+        assert_eq!(plain["message"], "plain \"quoted\"\n\u{1}\\");
+        assert_eq!(plain["n"], 3);
+        assert_eq!(plain["ok"], true);
+        assert_eq!(plain["x"], 1.5);
+        assert_eq!(plain["nan"], "NaN");
+        assert!(!plain.contains_key("request_id") && !plain.contains_key("span"));
+        assert_eq!(lines[1]["level"], "WARN");
+        assert_eq!(lines[1]["detail"], "\"dbg\\\\x\"");
+        assert_eq!(lines[1]["request_id"], "req-1");
+        assert_eq!(lines[2]["request_id"], "own", "the event's own id, once");
+        assert_eq!(
+            text.lines().nth(2).unwrap().matches("request_id").count(),
+            1
+        );
+        assert_eq!(lines[3]["level"], "ERROR");
+        assert_eq!(lines[3]["request_id"], "req-1");
+        assert_eq!(
+            lines[3]["span"],
+            serde_json::json!({"name": "sync", "worker": "w\"1", "n": 2})
+        );
     }
 }

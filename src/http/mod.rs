@@ -149,9 +149,9 @@ async fn request_context(
     }
     let started = Instant::now();
     // The route is known once the request was routed (below, without matching the path again).
-    let span = tracing::info_span!("request", request_id = %id, method);
-    let result =
-        tracing::Instrument::instrument(REQUEST_ID.scope(id.clone(), next.call(req)), span).await;
+    // Lines logged while the request runs carry its id from the task-local (no span per
+    // request: see `telemetry::JsonLine`).
+    let result = REQUEST_ID.scope(id.clone(), next.call(req)).await;
     let mut res = result?;
     let status = res.status().as_u16();
     let elapsed = started.elapsed();
@@ -163,8 +163,7 @@ async fn request_context(
         res.headers_mut()
             .insert(HeaderName::from_static("x-request-id"), v);
     }
-    // The access line carries the request's fields itself: emitted inside the span, the JSON
-    // formatter would re-parse and re-serialize the span's fields on every request.
+    // The access line carries the request's fields itself (the request's scope has ended).
     let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
     if status >= 500 {
         tracing::warn!(request_id = %id, method, %route, status, elapsed_ms, "request");
