@@ -19,7 +19,7 @@ use crate::domain::credential::mask_secrets;
 use crate::domain::{CreateBody, Provider, SyncState, redact};
 use crate::error::ApiError;
 use crate::leaf::{LeafClient, LeafError};
-use crate::rowcache::RowCache;
+use crate::rowcache::{Cached, RowCache};
 use crate::store::ConnStash;
 use crate::store::audit::{self, Entry, Outcome};
 use crate::store::credentials::{self as creds, CredentialRow, LeafState, StatusSource};
@@ -296,6 +296,14 @@ impl<'de> serde::de::Visitor<'de> for AnswerSeed<'_> {
 
 /// A stored row's secrets, already opened (`None`: the row holds none).
 struct Opened(Option<SecretFields>);
+
+/// The secrets a credential view is made from.
+pub enum ViewSecrets {
+    /// Opened from the row (`None`: it holds none).
+    Opened(Option<SecretFields>),
+    /// A cached row's marks (never for a view that reveals: those are read from the row).
+    Cached(Arc<Cached>),
+}
 
 /// The held secrets with Leaf's echoed ones over them (Leaf may add some, e.g. `accessToken`).
 fn merge(held: Option<&SecretFields>, echoed: &SecretFields) -> SecretFields {
@@ -827,8 +835,9 @@ impl Gateway {
             self.read_through(provider, user, reveal, actor).await?
         };
         let secrets = match opened {
-            Some(Opened(secrets)) => secrets,
-            None => self.open(provider, &row)?,
+            Some(Shown::Opened(Opened(secrets))) => ViewSecrets::Opened(secrets),
+            Some(Shown::Cached(cached)) => ViewSecrets::Cached(cached),
+            None => ViewSecrets::Opened(self.open(provider, &row)?),
         };
         let view = View {
             row,
@@ -873,7 +882,7 @@ impl Gateway {
         user: Uuid,
         reveal: bool,
         actor: Actor<'_>,
-    ) -> Result<(CredentialRow, Source, Option<Opened>), ApiError> {
+    ) -> Result<(CredentialRow, Source, Option<Shown>), ApiError> {
         let ticket = self.rows.ticket();
         let cached = if reveal || ticket.is_none() {
             None
@@ -885,13 +894,14 @@ impl Gateway {
             metrics::counter!("credsync_row_cache_total", "result" => result).increment(1);
         }
         let (local, upstream) = match cached {
-            Some(row) => {
+            Some(cached) => {
                 let upstream = self.leaf_credential(provider, user, actor).await;
                 if let Ok(Some(leaf)) = &upstream
-                    && let Some(opened) = self.confirms(provider, &row, leaf)?
+                    && unchanged(&cached.row, leaf)
+                    && self.rows.echo_matches(&cached, &leaf.secrets)
                 {
-                    let row = self.confirmed(provider, &row, StatusSource::Request);
-                    return Ok((row, Source::Leaf, Some(opened)));
+                    let row = self.confirmed(provider, &cached.row, StatusSource::Request);
+                    return Ok((row, Source::Leaf, Some(Shown::Cached(cached))));
                 }
                 (self.local_row(provider, user).await?, Some(upstream))
             }
@@ -912,9 +922,10 @@ impl Gateway {
                 if let Some(row) = &local
                     && let Some(opened) = self.confirms(provider, row, &leaf)?
                 {
-                    self.rows.fill(ticket, provider.name, row);
+                    self.rows
+                        .fill(ticket, provider.name, row, opened.0.as_ref());
                     let row = self.confirmed(provider, row, StatusSource::Request);
-                    return Ok((row, Source::Leaf, Some(opened)));
+                    return Ok((row, Source::Leaf, Some(Shown::Opened(opened))));
                 }
                 let row = self
                     .apply_leaf_credential(
@@ -1184,14 +1195,52 @@ fn sort_events(list: &mut [Event], ascending: bool) {
 /// are shown in full (`reveal`) or redacted.
 pub struct View {
     pub row: CredentialRow,
-    pub secrets: Option<SecretFields>,
+    pub secrets: ViewSecrets,
     pub reveal: bool,
 }
 
 impl View {
-    pub fn to_value(&self, provider: &Provider) -> Value {
-        credential_view(provider, &self.row, self.secrets.as_ref(), self.reveal)
+    /// What the view shows of the secret field `name`: its value when revealed, else its
+    /// redacted form; `None` when the credential holds no such field.
+    pub fn shown(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        match &self.secrets {
+            ViewSecrets::Opened(secrets) => {
+                let value = secrets.as_ref()?.get(name)?.expose_secret();
+                Some(if self.reveal {
+                    value.into()
+                } else {
+                    redact(value).into()
+                })
+            }
+            ViewSecrets::Cached(cached) => {
+                debug_assert!(!self.reveal, "a revealing view is made from the row");
+                cached.secrets.as_ref()?.redacted(name).map(Into::into)
+            }
+        }
     }
+
+    pub fn to_value(&self, provider: &Provider) -> Value {
+        match &self.secrets {
+            ViewSecrets::Opened(secrets) => {
+                credential_view(provider, &self.row, secrets.as_ref(), self.reveal)
+            }
+            ViewSecrets::Cached(_) => {
+                let mut value = credential_view(provider, &self.row, None, false);
+                for name in provider.secret_fields() {
+                    if let Some(shown) = self.shown(name) {
+                        value[name] = Value::String(shown.into_owned());
+                    }
+                }
+                value
+            }
+        }
+    }
+}
+
+/// The secrets a read answers with: opened from the row, or a cached row's marks.
+enum Shown {
+    Opened(Opened),
+    Cached(Arc<Cached>),
 }
 
 /// The `scopes` of a credential view: Leaf's `tokenMetadata.scopes`, else its `scopes`, when

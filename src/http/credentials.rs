@@ -2,14 +2,13 @@
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
-use secrecy::ExposeSecret as _;
 use serde::Deserialize;
 use uuid::Uuid;
 
 use super::AppState;
 use super::extract::{Authed, read_json_body};
 use super::json_out::JsonObject;
-use crate::domain::{CreateBody, LeafUserId, Provider, Scope, provider_by_segment, redact};
+use crate::domain::{CreateBody, LeafUserId, Provider, Scope, provider_by_segment};
 use crate::error::{ApiError, PROBLEM_JSON};
 use crate::gateway::{Created, Deleted, Source, View, view_scopes};
 use crate::store::audit::{self, Entry, Outcome};
@@ -325,9 +324,8 @@ fn view_body(provider: &Provider, view: &View) -> serde_json::Result<Vec<u8>> {
         }
     }
     for name in provider.secret_fields() {
-        match view.secrets.as_ref().and_then(|s| s.get(name)) {
-            Some(s) if view.reveal => o.text(name, s.expose_secret()),
-            Some(s) => o.text(name, &redact(s.expose_secret())),
+        match view.shown(name) {
+            Some(shown) => o.text(name, &shown),
             None => o.null(name),
         }
     }
@@ -494,7 +492,9 @@ mod tests {
     use super::*;
     use crate::crypto::SecretFields;
     use crate::domain::provider::CLIMATE_FIELD_VIEW;
+    use crate::gateway::ViewSecrets;
     use crate::http::json_out::strategies::{arb_text, arb_time};
+    use crate::rowcache::{Cached, RowCache};
     use crate::store::credentials::CredentialRow;
 
     fn arb_json() -> impl Strategy<Value = Value> {
@@ -575,16 +575,29 @@ mod tests {
                     created_at: updated_at,
                     updated_at,
                 },
-                secrets: secrets.map(|m| {
+                secrets: ViewSecrets::Opened(secrets.map(|m| {
                     let mut s = SecretFields::default();
                     for (k, v) in m {
                         s.insert(k, SecretString::from(v));
                     }
                     s
-                }),
+                })),
                 reveal,
             };
             let written = view_body(&CLIMATE_FIELD_VIEW, &view).unwrap();
+            // A view made from a cached row's marks is the same view (never revealing).
+            if let (false, ViewSecrets::Opened(opened)) = (reveal, &view.secrets) {
+                let marked = View {
+                    row: view.row.clone(),
+                    secrets: ViewSecrets::Cached(std::sync::Arc::new(Cached {
+                        row: view.row.clone(),
+                        secrets: opened.as_ref().map(|s| RowCache::new(std::time::Duration::ZERO).marks(s)),
+                    })),
+                    reveal,
+                };
+                prop_assert_eq!(view_body(&CLIMATE_FIELD_VIEW, &marked).unwrap(), written.clone());
+                prop_assert_eq!(marked.to_value(&CLIMATE_FIELD_VIEW), view.to_value(&CLIMATE_FIELD_VIEW));
+            }
             let parsed: Value = serde_json::from_slice(&written).unwrap();
             // Both sides through the same text-to-number parse (serde_json's is not exact).
             let reference = serde_json::to_vec(&view.to_value(&CLIMATE_FIELD_VIEW)).unwrap();
