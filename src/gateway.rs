@@ -146,12 +146,11 @@ impl Source {
 }
 
 /// The result of a create.
-#[derive(Debug)]
 pub enum Created {
     /// Leaf took it (201).
-    Synced(Value),
+    Synced(View),
     /// Queued in the outbox (202).
-    Pending(Value),
+    Pending(View),
 }
 
 /// The result of a delete.
@@ -378,15 +377,14 @@ impl Gateway {
         }
     }
 
-    /// The credential view of a stored row (SPEC §5), secrets redacted unless `reveal`.
-    pub fn view(
-        &self,
-        provider: &Provider,
-        row: &CredentialRow,
-        reveal: bool,
-    ) -> Result<Value, ApiError> {
-        let secrets = self.open(provider, row)?;
-        Ok(credential_view(provider, row, secrets.as_ref(), reveal))
+    /// The credential view of a stored row, secrets redacted.
+    fn view_of(&self, provider: &Provider, row: CredentialRow) -> Result<View, ApiError> {
+        let secrets = self.open(provider, &row)?;
+        Ok(View {
+            row,
+            secrets: ViewSecrets::Opened(secrets),
+            reveal: false,
+        })
     }
 
     /// The caller's error for Leaf's answer `e` about a credential whose stored secrets are
@@ -634,13 +632,16 @@ impl Gateway {
             }
         };
         let request = leaf_create_body(provider, body);
-        match self
+        let answer = self
             .leaf
-            .create_credential(provider, user, request, actor.request_id)
+            .create_credential_body(provider, user, request, actor.request_id)
             .await
-        {
-            Ok(answer) => {
-                let leaf = LeafCredential::parse(provider, answer);
+            .and_then(|body| {
+                LeafCredential::from_body(provider, &body)
+                    .ok_or(LeafError::Unavailable(crate::leaf::Unavailable::Garbage))
+            });
+        match answer {
+            Ok(leaf) => {
                 // The common case: settle the pending row in one statement, sealing what Leaf
                 // added to the secrets (from the plaintext at hand: nothing to decrypt).
                 let merged = (!echo_matches(&body.secrets, &leaf.secrets))
@@ -665,13 +666,14 @@ impl Gateway {
                     })
                     .await?
                 {
-                    let secrets = merged.as_ref().unwrap_or(&body.secrets);
-                    return Ok(Created::Synced(credential_view(
-                        provider,
-                        &row,
-                        Some(secrets),
-                        false,
-                    )));
+                    // The caller's secrets, copied for the view, when Leaf added none.
+                    let secrets = merged
+                        .unwrap_or_else(|| merge(Some(&body.secrets), &SecretFields::default()));
+                    return Ok(Created::Synced(View {
+                        row,
+                        secrets: ViewSecrets::Opened(Some(secrets)),
+                        reveal: false,
+                    }));
                 }
                 // Not settled here: the worker delivered it meanwhile, or a DELETE came first.
                 let stored = match creds::get(&self.db, user, provider.name).await? {
@@ -702,7 +704,7 @@ impl Gateway {
                     None,
                 )
                 .await;
-                Ok(Created::Synced(self.view(provider, &row, false)?))
+                Ok(Created::Synced(self.view_of(provider, row)?))
             }
             Err(e) if e.is_unavailable() => {
                 creds::release_outbox(&self.db, user, provider.name, e.retry_after()).await?;
@@ -724,7 +726,7 @@ impl Gateway {
                     Some("queued: Leaf unavailable"),
                 )
                 .await;
-                Ok(Created::Pending(self.view(provider, &row, false)?))
+                Ok(Created::Pending(self.view_of(provider, row)?))
             }
             Err(e) => {
                 creds::remove(&self.db, user, provider.name).await?;

@@ -282,7 +282,7 @@ async fn create_response(
         Created::Synced(v) => (StatusCode::CREATED, v),
         Created::Pending(v) => (StatusCode::ACCEPTED, v),
     };
-    let bytes = serde_json::to_vec(&view).unwrap_or_default();
+    let bytes = view_body(provider, &view).map_err(|e| ApiError::Internal(e.into()))?;
     Ok((json_body(status, bytes.clone()), bytes))
 }
 

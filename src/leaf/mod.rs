@@ -356,6 +356,21 @@ impl LeafClient {
         body: Zeroizing<Vec<u8>>,
         request_id: &str,
     ) -> Result<serde_json::Map<String, serde_json::Value>, LeafError> {
+        let body = self
+            .create_credential_body(provider, user, body, request_id)
+            .await?;
+        parse_credential(&body)
+    }
+
+    /// POST a credential: Leaf's 2xx answer as it came, not parsed yet (the caller judges
+    /// whether it is a credential, as [`LeafClient::create_credential`] does).
+    pub async fn create_credential_body(
+        &self,
+        provider: &Provider,
+        user: Uuid,
+        body: Zeroizing<Vec<u8>>,
+        request_id: &str,
+    ) -> Result<bytes::Bytes, LeafError> {
         let path = Self::credential_path(provider, user);
         let a = self
             .call(
@@ -367,7 +382,7 @@ impl LeafClient {
                 request_id,
             )
             .await?;
-        parse_credential(&a.body)
+        Ok(a.body)
     }
 
     /// DELETE the credential; `Ok(false)` when Leaf answers 404.
