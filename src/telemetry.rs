@@ -435,6 +435,15 @@ where
         .with_writer(out)
 }
 
+/// Whether requests run in a span of their own (`request{request_id, method}`): for the pretty
+/// format, whose lines show it as their prefix. JSON lines take the request id from the
+/// request's task-local instead ([`JsonLine`]), and the span would only cost.
+static REQUEST_SPANS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn request_spans() -> bool {
+    REQUEST_SPANS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Install the global subscriber (once; later calls are ignored). Keep the guard until the
 /// command ends.
 pub fn init(format: LogFormat) -> LogGuard {
@@ -451,6 +460,10 @@ pub fn init(format: LogFormat) -> LogGuard {
             .try_init(),
     };
     if installed.is_ok() {
+        REQUEST_SPANS.store(
+            matches!(format, LogFormat::Pretty),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         STDERR.spawn_flusher();
         // A panic's message goes straight to stderr: the lines logged before it go first.
         let report = std::panic::take_hook();
@@ -742,5 +755,31 @@ mod tests {
             lines[3]["span"],
             serde_json::json!({"name": "sync", "worker": "w\"1", "n": 2})
         );
+    }
+
+    #[test]
+    fn a_log_crate_record_is_a_line_under_its_own_target_without_the_log_fields() {
+        let sink = Sink::default();
+        let out = sink.clone();
+        let subscriber = tracing_subscriber::registry().with(json_layer(move || out.clone()));
+        let _default = tracing::subscriber::set_default(subscriber);
+        // What `LogTracer` does with each record of the `log` crate (actix-web logs through it).
+        tracing_log::format_trace(
+            &log::Record::builder()
+                .args(format_args!("worker {} started", 1))
+                .level(log::Level::Warn)
+                .target("actix_server::worker")
+                .module_path(Some("actix_server::worker"))
+                .file(Some("worker.rs"))
+                .line(Some(7))
+                .build(),
+        )
+        .unwrap();
+        let text = sink.text();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(line["level"], "WARN", "{text}");
+        assert_eq!(line["target"], "actix_server::worker");
+        assert_eq!(line["message"], "worker 1 started");
+        assert!(!text.contains("log."), "{text}");
     }
 }

@@ -149,9 +149,15 @@ async fn request_context(
     }
     let started = Instant::now();
     // The route is known once the request was routed (below, without matching the path again).
-    // Lines logged while the request runs carry its id from the task-local (no span per
-    // request: see `telemetry::JsonLine`).
-    let result = REQUEST_ID.scope(id.clone(), next.call(req)).await;
+    // JSON lines logged while the request runs carry its id from the task-local; the pretty
+    // format shows it from a span (`telemetry::request_spans`).
+    let span = if crate::telemetry::request_spans() {
+        tracing::info_span!("request", request_id = %id, method)
+    } else {
+        tracing::Span::none()
+    };
+    let result =
+        tracing::Instrument::instrument(REQUEST_ID.scope(id.clone(), next.call(req)), span).await;
     let mut res = result?;
     let status = res.status().as_u16();
     let elapsed = started.elapsed();
