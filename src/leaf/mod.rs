@@ -791,11 +791,24 @@ fn classify(e: reqwest::Error) -> LeafError {
 }
 
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<u64> {
-    headers
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|s| s.min(3600))
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    retry_after_secs(value, std::time::SystemTime::now())
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3) in seconds from `now`: a number of seconds, or an
+/// HTTP date (the seconds until it, rounded up; 0 when it has passed). At most an hour; `None`
+/// when it is neither.
+fn retry_after_secs(value: &str, now: std::time::SystemTime) -> Option<u64> {
+    let value = value.trim();
+    let secs = match value.parse::<u64>() {
+        Ok(secs) => secs,
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(now)
+                .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+        }
+    };
+    Some(secs.min(3600))
 }
 
 fn total_count(headers: &reqwest::header::HeaderMap) -> Option<i64> {
@@ -937,6 +950,42 @@ fn parse_id_token(body: &[u8]) -> Option<(SecretString, Duration)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_an_http_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let date = |offset: Duration, ahead: bool| {
+            httpdate::fmt_http_date(if ahead { now + offset } else { now - offset })
+        };
+        assert_eq!(retry_after_secs("120", now), Some(120));
+        assert_eq!(retry_after_secs(" 7 ", now), Some(7));
+        assert_eq!(retry_after_secs("0", now), Some(0));
+        assert_eq!(retry_after_secs("99999", now), Some(3600));
+        assert_eq!(
+            retry_after_secs(&date(Duration::from_secs(90), true), now),
+            Some(90)
+        );
+        // HTTP dates have whole seconds: a date within the second ahead is a second away.
+        let in_half_a_second = now + Duration::from_millis(500);
+        assert_eq!(
+            retry_after_secs(
+                &httpdate::fmt_http_date(now + Duration::from_secs(1)),
+                in_half_a_second
+            ),
+            Some(1)
+        );
+        assert_eq!(
+            retry_after_secs(&date(Duration::from_secs(30), false), now),
+            Some(0)
+        );
+        assert_eq!(
+            retry_after_secs(&date(Duration::from_secs(86_400), true), now),
+            Some(3600)
+        );
+        for junk in ["", "-5", "1.5", "soon", "Sun, 32 Nov 2026 25:00:00 GMT"] {
+            assert_eq!(retry_after_secs(junk, now), None, "{junk:?}");
+        }
+    }
 
     #[test]
     fn call_urls_are_the_base_followed_by_the_path() {
