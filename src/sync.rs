@@ -532,16 +532,44 @@ impl Syncer {
                 .delete_credential(provider, user, actor.request_id)
                 .await
         };
-        match result {
-            Ok(_) => {}
+        let (outcome, detail) = match result {
+            Ok(true) => (
+                Outcome::Success,
+                "queued delete delivered to Leaf".to_owned(),
+            ),
+            Ok(false) => (
+                Outcome::Success,
+                "queued delete: Leaf no longer had the credential".to_owned(),
+            ),
             Err(e) if e.is_unavailable() => return Err(e),
             Err(e) => {
-                tracing::warn!(leaf_user_id = %user, error = %error_text(&e), "Leaf refused a queued delete; dropping it")
+                tracing::warn!(leaf_user_id = %user, error = %error_text(&e), "Leaf refused a queued delete; dropping it");
+                (
+                    Outcome::Failure,
+                    format!(
+                        "Leaf refused the queued delete ({}); the local copy is removed",
+                        error_text(&e)
+                    ),
+                )
             }
-        }
+        };
         creds::purge(&gw.db, user, provider.name)
             .await
             .map_err(db_unavailable)?;
+        // The DELETE was audited when it was answered 202; this is its end.
+        audit::record_logged(
+            &gw.db,
+            &Entry {
+                actor: WORKER_ACTOR,
+                action: "credential.delete",
+                leaf_user_id: Some(user),
+                provider: Some(provider.name),
+                outcome,
+                request_id: Some(actor.request_id),
+                detail: Some(&detail),
+            },
+        )
+        .await;
         Ok(())
     }
 

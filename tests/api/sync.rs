@@ -117,6 +117,32 @@ async fn writes_queued_while_leaf_was_down_are_delivered_when_it_returns() {
     assert_eq!(leaf["clientSecret"], "client-secret-outbox000000");
     assert!(app.leaf_state(doomed).await.is_none());
     assert_eq!(app.count("select count(*) from outbox").await, 0);
+    // Each queued write's end is in the audit trail, as the worker's (`credsync`): the delete's
+    // too.
+    for (user, action, detail) in [
+        (
+            created,
+            "credential.create",
+            "queued create delivered to Leaf",
+        ),
+        (
+            doomed,
+            "credential.delete",
+            "queued delete delivered to Leaf",
+        ),
+    ] {
+        let n: i64 = sqlx::query_scalar(
+            "select count(*) from audit where leaf_user_id = $1 and actor = 'credsync' \
+             and action = $2 and outcome = 'success' and detail = $3",
+        )
+        .bind(user)
+        .bind(action)
+        .bind(detail)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        assert_eq!(n, 1, "{action} of {user}");
+    }
     // Exactly one successful create reached Leaf for the queued user.
     let ok_posts = app
         .sim_request_log()
