@@ -955,17 +955,7 @@ pub async fn begin_delete(
     .await?;
     // The cached status history and events go with the secret, whatever Leaf answers next
     // (SPEC §5): a delete still pending at Leaf shows none of them either.
-    for sql in [
-        "delete from outbox where leaf_user_id = $1 and provider = $2",
-        "delete from status_history where leaf_user_id = $1 and provider = $2",
-        "delete from event where leaf_user_id = $1 and provider = $2",
-    ] {
-        sqlx::query(sql)
-            .bind(user)
-            .bind(provider)
-            .execute(&mut *tx)
-            .await?;
-    }
+    forget_kept(&mut tx, user, provider).await?;
     sqlx::query(
         "insert into outbox (leaf_user_id, provider, op, next_attempt_at, request_id, actor)
          values ($1, $2, 'delete', now() + make_interval(secs => $3), $4, $5)",
@@ -1095,19 +1085,34 @@ pub async fn release_outbox(
 /// The audit trail stays.
 pub async fn purge(pool: &PgPool, user: Uuid, provider: &str) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    forget_kept(&mut tx, user, provider).await?;
+    sqlx::query("delete from credential where leaf_user_id = $1 and provider = $2")
+        .bind(user)
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Delete what is kept beside a user's credential of `provider`: its outbox entries, its status
+/// history and its cached events (for a delete, [`begin_delete`] and [`purge`]).
+async fn forget_kept(
+    conn: &mut PgConnection,
+    user: Uuid,
+    provider: &str,
+) -> Result<(), sqlx::Error> {
     for sql in [
         "delete from outbox where leaf_user_id = $1 and provider = $2",
         "delete from status_history where leaf_user_id = $1 and provider = $2",
         "delete from event where leaf_user_id = $1 and provider = $2",
-        "delete from credential where leaf_user_id = $1 and provider = $2",
     ] {
         sqlx::query(sql)
             .bind(user)
             .bind(provider)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
     }
-    tx.commit().await
+    Ok(())
 }
 
 /// Record the key-encryption keys this process holds: an unknown id gets its fingerprint
